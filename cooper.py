@@ -141,7 +141,7 @@ class Cooper:
     @torch.no_grad()
     def encode_images(self, images):
         """uint8 (N, H, W, 3) or (H, W, 3) → codes (N, h, w) long, on the model's device."""
-        images = np.asarray(images)
+        images = np.array(images, dtype=np.uint8)  # a writable copy
         images = images[None] if images.ndim == 3 else images
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W)
         return self.vq.encode(x)

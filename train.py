@@ -392,8 +392,23 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
         save(step)
         print0(f"\ninterrupted: {name} saved at step {step} to {ckpt_path}; continue with the same command and --resume")
         sys.exit(130)
+    check_replicas(module, name, cfg)
     save(stop)
     return stop == total
+
+
+def check_replicas(module, name, cfg):
+    """Under DDP every rank must hold identical weights after every step; verify it at the end of each phase."""
+    if DDP_WORLD == 1 or cfg.fsdp:  # FSDP ranks hold different shards by design
+        return
+    flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)  # rank 0's weights
+    same = torch.tensor([float(torch.equal(flat, ref))], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    if same.item() != 1.0:
+        sys.exit(f"error: {name}: weights differ between ranks; the distributed set-up is broken")
+    print0(f"{name}: weights identical on all {DDP_WORLD} ranks")
 
 
 def check_same_config(ck, cfg, mcfg, path):

@@ -1,0 +1,87 @@
+"""Tests of cooper.py: evaluation metrics against hand-computed values, and the user API / command line on a
+miniature run. Run: python -m pytest tests/test_cooper.py"""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cooper
+import data
+
+
+def test_scale_shift_alignment_recovers_affine_depth():
+    """Marigold alignment: a prediction that is an exact affine map of the truth aligns back to it (AbsRel 0, δ1 1)."""
+    gt = np.linspace(1.0, 9.0, 64, dtype=np.float32).reshape(8, 8)
+    pred = 0.5 * gt - 0.3
+    aligned = cooper.align_scale_shift(pred, gt, np.ones_like(gt, bool))
+    np.testing.assert_allclose(aligned, gt, rtol=1e-5)
+    assert cooper.depth_metrics(aligned, gt) == pytest.approx((0.0, 1.0), abs=1e-5)
+
+
+def test_depth_metrics_hand_computed():
+    """AbsRel and δ1 on four pixels: p = (1, 2, 3, 8), g = (1, 1, 3, 4) → |p−g|/g = (0, 1, 0, 1) → AbsRel 0.5;
+    max(p/g, g/p) = (1, 2, 1, 2) → δ1 = 2/4. With a mask on the first and third pixels: (0, 1)."""
+    p, g = np.array([[1.0, 2.0], [3.0, 8.0]]), np.array([[1.0, 1.0], [3.0, 4.0]])
+    assert cooper.depth_metrics(p, g) == pytest.approx((0.5, 0.5))
+    assert cooper.depth_metrics(p, g, np.array([[True, False], [True, False]])) == pytest.approx((0.0, 1.0))
+
+
+def test_seg_metrics_ignore_colour_permutation_and_score_errors():
+    """Instances painted in other colours still score 1; one wrong pixel out of 8 costs 1/8 of pixel accuracy and
+    the IoU of both instances involved (hand-computed below: object 1 IoU 1/2, object 2 IoU 2/3)."""
+    gt = np.array([[0, 1, 1, 0], [0, 0, 2, 2]])
+    assert cooper.seg_metrics(np.where(gt == 1, 7, np.where(gt == 2, 3, 0)), gt) == pytest.approx((1.0, 1.0))
+    pred = np.array([[0, 1, 2, 0], [0, 0, 2, 2]])  # one pixel of object 1 predicted as object 2
+    acc, miou = cooper.seg_metrics(pred, gt)
+    assert acc == pytest.approx(7 / 8)
+    assert miou == pytest.approx((1 / 2 + 2 / 3) / 2)  # object 1: 1/2 (1 ∩, 2 ∪); object 2: 2/3 (2 ∩, 3 ∪)
+
+
+def test_count_and_psnr():
+    """Counting reads distinct non-background ids above a size floor; PSNR of a 1-grey-level error is 48.13 dB."""
+    seg = np.zeros((8, 8), int)
+    seg[:2, :2], seg[5:, 5:], seg[0, 7] = 1, 2, 3  # id 3 covers a single stray pixel
+    assert cooper.count_instances(seg, min_pixels=4) == 2
+    a = np.zeros((4, 4, 3), np.uint8)
+    assert cooper.psnr(a, a + 1) == pytest.approx(10 * np.log10(255.0 ** 2), rel=1e-6)
+
+
+def test_cooper_load_generate_answer(tiny_run):
+    """Cooper.load reads a run; generated maps have the image's size and the right types; answers come back as text;
+    generation is deterministic at temperature 0."""
+    c = cooper.Cooper.load(tiny_run)
+    scene = data.make_scene(data.scene_seed("test", 0))
+    d = c.generate_map(scene.rgb, "depth")
+    s = c.generate_map(scene.rgb, "segmentation")
+    assert d.shape == s.shape == scene.depth.shape and d.dtype == np.float32 and s.dtype.kind == "i"
+    assert (d >= 0).all() and (d <= data.MAX_DEPTH + 1e-4).all()
+    np.testing.assert_array_equal(d, c.generate_map(scene.rgb, "depth"))
+    q = data.make_questions(scene, np.random.default_rng(0))[0]
+    out = c.answer(scene.rgb, q.text)
+    assert isinstance(out["text"], str) and "answer" in out
+
+
+def test_cooper_errors(tmp_path, tiny_run):
+    """A missing run, a missing checkpoint and an unreadable image give a RunError that says what to do."""
+    with pytest.raises(cooper.RunError, match="does not exist"):
+        cooper.Cooper.load(str(tmp_path / "nope"))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "tokenizer.json").write_bytes(open(os.path.join(tiny_run, "tokenizer.json"), "rb").read())
+    with pytest.raises(cooper.RunError, match="--resume"):
+        cooper.Cooper.load(str(partial))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(cooper.RunError, match="cannot read image"):
+        cooper.load_image(str(tmp_path / "bad.png"), 64)
+
+
+def test_ask_command_writes_maps(tiny_run, tmp_path, capsys):
+    """`cooper.py ask` with an image file of another size: prints the answer and writes the coloured maps."""
+    Image.fromarray(data.make_scene(5, size=96).rgb).save(tmp_path / "in.png")
+    cooper.main(["ask", "--run", tiny_run, "--image", str(tmp_path / "in.png"), "--question", "How many objects are there?",
+                 "--out", str(tmp_path / "maps")])
+    text = capsys.readouterr().out
+    assert "answer:" in text and "resizing" in text
+    for f in ("input.png", "depth.png", "segmentation.png"):
+        assert Image.open(tmp_path / "maps" / f).size == (64, 64)

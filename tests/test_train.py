@@ -1,0 +1,113 @@
+"""Tests of train.py's stage-1 machinery: flags, exact resume, errors that say what to do, DDP replicas.
+Run: python -m pytest tests/test_train.py"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+import torch
+
+import train
+from conftest import FAST
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def losses(run, phase):
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if r["phase"] == phase}
+
+
+def test_every_flag_is_read():
+    """Each TrainConfig field has a flag, and passing it changes exactly that field (no flag is parsed and ignored)."""
+    base = train.parse_args([])
+    for f in fields(train.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            argv, want = [flag if not f.default else "--no-" + flag[2:]], not f.default
+        elif f.name == "preset":
+            argv, want = [flag, "small"], "small"
+        elif f.name == "stage":
+            argv, want = [flag, "2"], 2
+        elif f.type in (str, "str"):
+            argv, want = [flag, "x/y"], "x/y"
+        else:
+            want = type(f.default)(f.default * 2 + 1)
+            argv = [flag, str(want)]
+        cfg = train.parse_args(argv)
+        assert getattr(cfg, f.name) == want, f.name
+        others = [g.name for g in fields(train.TrainConfig) if g.name not in (f.name, "out")]
+        assert all(getattr(cfg, n) == getattr(base, n) for n in others), f.name
+
+
+def test_resume_is_exact(tiny_run, tmp_path):
+    """A run stopped twice (inside the VQ phase, then inside the transformer phase) and resumed each time logs
+    exactly the same losses, step for step, as the uninterrupted run `tiny_run` made with the same flags."""
+    out = str(tmp_path / "resumed")
+    train.main(["--stage", "1", "--out", out, "--max-steps", "2"] + FAST)  # stops at VQ step 2 of 4
+    assert not os.path.exists(os.path.join(out, "stage1.pt"))
+    train.main(["--stage", "1", "--out", out, "--max-steps", "3", "--resume"] + FAST)  # VQ 2 → 3
+    train.main(["--stage", "1", "--out", out, "--max-steps", "4", "--resume"] + FAST)  # VQ 3 → 4, stage 1 0 → 4
+    train.main(["--stage", "1", "--out", out, "--resume"] + FAST)  # stage 1 4 → 6
+    for phase, n in (("vq", 4), ("stage1", 6)):
+        a, b = losses(tiny_run, phase), losses(out, phase)
+        assert sorted(a) == sorted(b) == list(range(1, n + 1))
+        assert a == b, phase  # bit-for-bit: same data, same RNG, same optimizer state
+    wa = torch.load(os.path.join(tiny_run, "stage1.pt"), weights_only=False)["model"]
+    wb = torch.load(os.path.join(out, "stage1.pt"), weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_folder_files(tiny_run):
+    """A finished run holds what DESIGN.md lists: config, tokenizer, checkpoints, metrics with an evaluation, PNGs."""
+    for f in ("config.json", "tokenizer.json", "vq.pt", "stage1.pt", "metrics.jsonl", "samples.png", "loss.png"):
+        assert os.path.getsize(os.path.join(tiny_run, f)) > 0, f
+    rows = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
+    ev = [r for r in rows if r["phase"] == "eval"]
+    assert ev and 0.0 <= ev[-1]["seg/pixel_acc"] <= 1.0 and "vq/psnr_rgb" in ev[-1] and "vqa/mean" in ev[-1]
+
+
+def test_errors_say_what_to_do(tiny_run, tmp_path):
+    """Bad input stops with a one-line message naming the problem and the fix, not a traceback."""
+    with pytest.raises(SystemExit) as e:  # argparse error: unknown preset
+        train.parse_args(["--preset", "huge"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match="already holds a run"):  # would overwrite a run
+        train.main(["--stage", "1", "--out", tiny_run] + FAST)
+    with pytest.raises(SystemExit, match="different configuration"):  # resume with other settings
+        train.main(["--stage", "1", "--out", tiny_run, "--resume", "--lr", "0.5"] + FAST)
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    for f in ("tokenizer.json", "config.json"):
+        (bad / f).write_bytes(open(os.path.join(tiny_run, f), "rb").read())
+    (bad / "vq.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):  # corrupt checkpoint
+        train.main(["--stage", "1", "--out", str(bad), "--resume"] + FAST)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="cannot write to run folder"):  # unwritable folder
+        train.main(["--stage", "1", "--out", str(blocker / "run")] + FAST)
+
+
+def test_cosine_schedule():
+    """Warm-up rises linearly to the peak; the cosine reaches the floor at the last step."""
+    assert train.cosine_lr(0, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+    assert train.cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert train.cosine_lr(10, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
+    assert train.cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+
+
+def test_ddp_two_processes_keep_equal_weights(tmp_path):
+    """torchrun with 2 CPU processes (gloo): training runs, and every phase ends with identical weights on both ranks
+    (train.check_replicas compares them bit for bit and exits with an error otherwise)."""
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, "--device", "cpu"] + FAST
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "vq: weights identical on all 2 ranks" in r.stdout
+    assert "stage1: weights identical on all 2 ranks" in r.stdout
+    assert os.path.exists(os.path.join(out, "stage1.pt"))
