@@ -179,7 +179,10 @@ class VQTokenizer(nn.Module):
         dead = (self.code_count < self.cfg.vq_restart).nonzero().squeeze(1)  # (n_dead,)
         if len(dead):
             pick = torch.randint(0, z.shape[0], (len(dead),), device=z.device)
-            self.codebook.weight[dead] = z[pick]
+            new = z[pick]  # (n_dead, D)
+            if torch.distributed.is_initialized():  # under DDP the counts are rank 0's (a buffer DDP broadcasts),
+                torch.distributed.broadcast(new, 0)  # so all ranks restart the same codes: use rank 0's vectors too
+            self.codebook.weight[dead] = new
             self.code_count[dead] = 1.0
 
     def forward(self, images):

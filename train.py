@@ -159,11 +159,11 @@ class TrainConfig:
     fsdp: bool = False             # shard parameters with FSDP under torchrun (large presets) instead of DDP
     tokenizer_from: str = ""       # copy tokenizer.json + vq.pt from this run instead of training a new VQ tokenizer
     # VQ tokenizer phase
-    vq_steps: int = 1200
-    vq_batch: int = 32
+    vq_steps: int = 1500
+    vq_batch: int = 16
     vq_lr: float = 2e-3
     # stage-1 phase: auxiliary modality generation (AMG) + direct-answer VQA
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 32           # sequences per optimizer step, all ranks together
     micro_batch: int = 32          # sequences per forward pass on one rank; accumulation = batch_size / (micro × ranks)
     lr: float = 2e-3
