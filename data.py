@@ -671,9 +671,14 @@ def amg_segments(kind):
             ("text", "<|im_end|>", False)]
 
 
-def vqa_segments(question):
-    """Stage-1 direct-answer VQA example: loss on the answer text and the closing <|im_end|>."""
-    return prompt_segments(question) + [("text", answer_text(question) + "<|im_end|>", True)]
+def vqa_segments(question, *more):
+    """Stage-1 direct-answer VQA example: loss on the answer text and the closing <|im_end|>. Extra questions about
+    the same image follow as further turns of one dialogue, so the image's codes are paid for once."""
+    segs = prompt_segments(question) + [("text", answer_text(question) + "<|im_end|>", True)]
+    for q in more:
+        segs += [("text", f"<|im_start|>{q.text}<|im_end|><|im_start|>", False),
+                 ("text", answer_text(q) + "<|im_end|>", True)]
+    return segs
 
 
 # ----------------------------------------------------------------------------- sequence layout

@@ -163,7 +163,7 @@ class TrainConfig:
     vq_batch: int = 16
     vq_lr: float = 2e-3
     # stage-1 phase: auxiliary modality generation (AMG) + direct-answer VQA
-    steps: int = 1200
+    steps: int = 1100
     batch_size: int = 32           # sequences per optimizer step, all ranks together
     micro_batch: int = 32          # sequences per forward pass on one rank; accumulation = batch_size / (micro × ranks)
     lr: float = 2e-3
@@ -173,7 +173,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     amg_share: float = 0.5         # share of AMG examples (depth + segmentation); 0 trains the control (VQA only)
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
-    n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
+    vqa_turns: int = 4             # questions per VQA dialogue (the image's 66 tokens are shared by its questions)
+    n_train_scenes: int = 2000     # size of the training scene pool (× 2 with horizontal flips)
     eval_every: int = 500
     n_eval: int = 64               # held-out scenes per evaluation
     save_every: int = 250
@@ -481,7 +482,8 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng):
     else:
         kind = "vqa"
         qs = data.make_questions(pool.scenes[i], rng)
-        segs, images = data.vqa_segments(qs[int(rng.integers(len(qs)))]), {"rgb": codes["rgb"][i]}
+        pick = rng.permutation(len(qs))[:cfg.vqa_turns]  # a dialogue of up to vqa_turns questions about one image
+        segs, images = data.vqa_segments(*[qs[k] for k in pick]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
     return ids, mask, kind
 
@@ -531,24 +533,26 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
     amp = autocast_for(device)
 
     def step_fn(step):
+        t0 = time.time()
         rng = np.random.default_rng([cfg.seed, 2, step])  # the batch is a pure function of the step
         batch = [stage1_example(cfg, pool, codes, tok, mcfg.image_offset, rng) for _ in range(cfg.batch_size)]
-        mine = batch[DDP_RANK * per_rank:(DDP_RANK + 1) * per_rank]
+        mine = sorted(batch[DDP_RANK * per_rank:(DDP_RANK + 1) * per_rank], key=lambda e: len(e[0]))
         n_tok = sum(sum(m[1:]) for _, m, _ in mine)  # loss tokens of the whole (per-rank) batch
-        t0, sums, counts = time.time(), {}, {}
-        total = 0.0
-        for a in range(accum):
-            chunk = mine[a * len(mine) // accum:(a + 1) * len(mine) // accum]
+        # forward passes over length-sorted chunks: short VQA and long AMG sequences are not padded to one length
+        n_chunks = max(accum, min(2, len(mine)))
+        sums, counts, total = {}, {}, 0.0
+        for a in range(n_chunks):
+            chunk = mine[a * len(mine) // n_chunks:(a + 1) * len(mine) // n_chunks]
             idx, tgt, lm = collate(chunk, device)
-            with no_sync(wrapped, a == accum - 1), amp():
-                logits, _ = wrapped(idx)  # (B, T, V)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none").view_as(tgt)  # (B, T)
-                ce = ce * lm  # loss on the target image codes (AMG) or the answer text (VQA) only
-                loss = ce.sum() / n_tok  # normalised by the token count of the whole batch, not the micro-batch
+            with no_sync(wrapped, a == n_chunks - 1), amp():
+                # loss on the target image codes (AMG) or the answer text (VQA) only: lm marks those targets
+                _, ce = wrapped(idx, tgt, lm, reduction="none")  # (N_masked,) per-token cross-entropy
+                loss = ce.sum() / n_tok  # normalised by the token count of the whole batch, not the chunk
                 loss.backward()
             total += loss.item()
-            for b, (_, _, kind) in enumerate(chunk):  # per-task loss, for the progress line
-                sums[kind] = sums.get(kind, 0.0) + ce[b].sum().item()
+            per_seq = torch.zeros(len(chunk), device=ce.device).index_add_(0, lm.nonzero()[:, 0], ce.detach())  # (B,)
+            for b, (_, _, kind) in enumerate(chunk):  # per-task loss, for the progress line and the curves
+                sums[kind] = sums.get(kind, 0.0) + per_seq[b].item()
                 counts[kind] = counts.get(kind, 0) + int(lm[b].sum())
         stats = {"loss": total, "tok/s": sum(len(i) for i, _, _ in mine) / (time.time() - t0)}
         stats.update({f"loss_{k}": sums[k] / max(1, counts[k]) for k in sums})

@@ -39,10 +39,13 @@ def test_seg_metrics_ignore_colour_permutation_and_score_errors():
 
 
 def test_count_and_psnr():
-    """Counting reads distinct non-background ids above a size floor; PSNR of a 1-grey-level error is 48.13 dB."""
+    """Counting reads distinct non-background ids that fill a 2×2 block (a one-pixel seam does not count);
+    PSNR of a 1-grey-level error is 48.13 dB."""
     seg = np.zeros((8, 8), int)
-    seg[:2, :2], seg[5:, 5:], seg[0, 7] = 1, 2, 3  # id 3 covers a single stray pixel
-    assert cooper.count_instances(seg, min_pixels=4) == 2
+    seg[:2, :2], seg[5:, 5:], seg[0, 4:8], seg[2, 2] = 1, 2, 3, 4  # ids 3 (a 1×4 seam) and 4 (one pixel) are thin
+    assert cooper.count_instances(seg) == 2
+    seg[1, 4:6] = 3  # now id 3 fills a 2×2 block
+    assert cooper.count_instances(seg) == 3
     a = np.zeros((4, 4, 3), np.uint8)
     assert cooper.psnr(a, a + 1) == pytest.approx(10 * np.log10(255.0 ** 2), rel=1e-6)
 

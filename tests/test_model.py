@@ -329,3 +329,19 @@ def test_memory_estimate_consistent():
     assert m1["params"] == UnifiedTransformer(cfg).num_params() and m1["weights+grads+adam"] == 16 * m1["params"]
     assert m2["activations"] == 2 * m1["activations"]
     assert estimate_memory(replace(cfg, grad_ckpt=True), 1000)["activations"] < m1["activations"]
+
+
+def test_unreduced_loss_matches_mean_loss():
+    """reduction="none" (output layer on the masked positions only) gives per-token losses whose mean is the
+    ordinary masked mean loss, and the same gradients."""
+    cfg = ModelConfig(text_vocab=50, codebook_size=16, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, ffn_hidden=64)
+    torch.manual_seed(0)
+    m = UnifiedTransformer(cfg)
+    idx, tgt = torch.randint(0, cfg.vocab_size, (3, 11)), torch.randint(0, cfg.vocab_size, (3, 11))
+    mask = torch.rand(3, 11) < 0.5
+    _, mean = m(idx, tgt, mask)
+    g1 = torch.autograd.grad(mean, m.lm_head.weight)[0]
+    none, per_tok = m(idx, tgt, mask, reduction="none")
+    assert none is None and per_tok.shape == (int(mask.sum()),)
+    torch.testing.assert_close(per_tok.mean(), mean)
+    torch.testing.assert_close(torch.autograd.grad(per_tok.mean(), m.lm_head.weight)[0], g1)
