@@ -174,7 +174,7 @@ class TrainConfig:
     amg_share: float = 0.5         # share of AMG examples (depth + segmentation); 0 trains the control (VQA only)
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     vqa_turns: int = 4             # questions per VQA dialogue (the image's 66 tokens are shared by its questions)
-    n_train_scenes: int = 2000     # size of the training scene pool (× 2 with horizontal flips)
+    n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     eval_every: int = 500
     n_eval: int = 64               # held-out scenes per evaluation
     save_every: int = 250
@@ -356,15 +356,16 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
     if os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path)
         check_same_config(ck, cfg, module.cfg, ckpt_path)
-        module.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"]); set_rng_state(ck["rng"])
+        set_full_state(module, opt, ck["model"], ck["optimizer"], sharded(module, cfg)); set_rng_state(ck["rng"])
         start = ck["step"]
         print0(f"{name}: resumed from {ckpt_path} at step {start}")
     log = MetricsLog(os.path.join(run, "metrics.jsonl"), name, start)
     stop = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
     def save(step):
+        weights, opt_state = full_state(module, opt, sharded(module, cfg))  # every rank takes part under FSDP
         if DDP_RANK == 0:
-            atomic_save({"model": module.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            atomic_save({"model": weights, "optimizer": opt_state, "step": step,
                          "train_config": asdict(cfg), "model_config": asdict(module.cfg), "rng": rng_state(),
                          **state_extra}, ckpt_path)
 
@@ -396,6 +397,30 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
     check_replicas(module, name, cfg)
     save(stop)
     return stop == total
+
+
+def sharded(module, cfg):
+    """FSDP shards the transformer only; the small VQ tokenizer always trains replicated (DDP)."""
+    return DDP_WORLD > 1 and cfg.fsdp and isinstance(module, UnifiedTransformer)
+
+
+def full_state(module, opt, is_sharded):
+    """Unsharded weights and optimizer state on the CPU, for a checkpoint. Under FSDP this gathers the shards: a
+    collective every rank must join."""
+    if not is_sharded:
+        return module.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def set_full_state(module, opt, weights, opt_state, is_sharded):
+    """Load a checkpoint's unsharded state; under FSDP each rank keeps its own shard of it."""
+    if not is_sharded:
+        module.load_state_dict(weights); opt.load_state_dict(opt_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(module, opt, model_state_dict=weights, optim_state_dict=opt_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def check_replicas(module, name, cfg):
@@ -432,7 +457,7 @@ MODALITIES = ("rgb", "depth", "segmentation")
 def wrap(module, cfg, device):
     """The view of a module that training runs through: FSDP or DDP under torchrun, optionally compiled."""
     wrapped = module
-    if DDP_WORLD > 1 and cfg.fsdp:
+    if sharded(module, cfg):
         from torch.distributed.fsdp import fully_shard
         for block in getattr(module, "blocks", []):
             fully_shard(block)  # shard each transformer block's parameters across ranks
@@ -561,7 +586,12 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
     def on_eval(step):
         evaluate_and_report(cfg, run, model, vq, tok, device, step)
 
-    done = run_phase("stage1", cfg, run, model, wrapped, opt, cfg.steps, cfg.lr, step_fn, {}, on_eval)
+    # under FSDP rank 0 alone cannot run the sharded model, so evaluation waits for the gathered final checkpoint
+    done = run_phase("stage1", cfg, run, model, wrapped, opt, cfg.steps, cfg.lr, step_fn, {},
+                     None if sharded(model, cfg) else on_eval)
+    if sharded(model, cfg) and DDP_RANK == 0:
+        model = UnifiedTransformer(mcfg).to(device)
+        model.load_state_dict(load_checkpoint(os.path.join(run, "stage1.pt"))["model"])
     return model, done
 
 
@@ -633,7 +663,7 @@ def stage1(cfg):
             return print0(f"stopped after --max-steps {cfg.max_steps} in the VQ phase; continue with --resume")
     model, done = train_stage1_lm(cfg, mcfg, run, pool, vq.eval(), tok, device)
     m = evaluate_and_report(cfg, run, model, vq, tok, device, min(cfg.steps, cfg.max_steps or cfg.steps))
-    print0(f"run folder: {run} (samples.png, loss.png, metrics.jsonl, ckpt.pt)")
+    print0(f"run folder: {run} (samples.png, loss.png, metrics.jsonl, stage1.pt)")
     return m
 
 
