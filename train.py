@@ -163,7 +163,7 @@ class TrainConfig:
     vq_batch: int = 16
     vq_lr: float = 2e-3
     # stage-1 phase: auxiliary modality generation (AMG) + direct-answer VQA
-    steps: int = 1100
+    steps: int = 1000
     batch_size: int = 32           # sequences per optimizer step, all ranks together
     micro_batch: int = 32          # sequences per forward pass on one rank; accumulation = batch_size / (micro × ranks)
     lr: float = 2e-3
