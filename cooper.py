@@ -340,7 +340,7 @@ def load_image(path, size):
     return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Use a trained small-COOPER run.")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("ask", help="answer a question about an image and save the generated depth/segmentation maps")
@@ -357,7 +357,11 @@ def main(argv=None):
     e.add_argument("--split", default="test", choices=["val", "test"])
     for q in (a, e):
         q.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         run_command(args)
     except RunError as e:
