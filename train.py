@@ -652,10 +652,10 @@ def stage1(cfg):
     tok = data.load_tokenizer(tok_path)
     mcfg.text_vocab = tok.get_vocab_size()
     pool = ScenePool(cfg.n_train_scenes)
-    vq_done = os.path.exists(vq_path) and load_checkpoint(vq_path)["step"] >= cfg.vq_steps
-    if vq_done:
+    vq_ck = load_checkpoint(vq_path) if os.path.exists(vq_path) else None
+    if vq_ck is not None and vq_ck["step"] >= cfg.vq_steps:  # a finished VQ tokenizer: reuse it
         vq = VQTokenizer(mcfg).to(device)
-        vq.load_state_dict(load_checkpoint(vq_path)["model"])
+        vq.load_state_dict(vq_ck["model"])
         print0(f"VQ tokenizer: using {vq_path}")
     else:
         vq, done = train_vq(cfg, mcfg, run, pool, device)
