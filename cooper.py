@@ -102,6 +102,16 @@ def psnr(a, b):
     return float(10 * math.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
+def to_unit(images):
+    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1], the VQ tokenizer's input range."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def from_unit(x):
+    """float (N, 3, H, W) in [-1, 1] → uint8 (N, H, W, 3)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The model a user talks to
 
@@ -146,16 +156,13 @@ class Cooper:
     @torch.no_grad()
     def encode_images(self, images):
         """uint8 (N, H, W, 3) or (H, W, 3) → codes (N, h, w) long, on the model's device."""
-        images = np.array(images, dtype=np.uint8)  # a writable copy
-        images = images[None] if images.ndim == 3 else images
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W)
-        return self.vq.encode(x)
+        images = np.asarray(images)
+        return self.vq.encode(to_unit(images[None] if images.ndim == 3 else images).to(self.device))
 
     @torch.no_grad()
     def decode_codes(self, codes):
         """codes (N, h, w) → uint8 (N, H, W, 3)."""
-        x = self.vq.decode(codes.to(self.device))  # (N, 3, H, W) in [-1, 1]
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return from_unit(self.vq.decode(codes.to(self.device)))  # (N, 3, H, W) in [-1, 1] → uint8
 
     def _prompt_ids(self, segments, images):
         ids, _ = data.encode_segments(segments, self.tok, self.cfg.image_offset,

@@ -291,25 +291,7 @@ class ScenePool:
 
     def images(self, modality):
         """(N, H, W, 3) uint8: the RGB images, or the depth / segmentation maps encoded as RGB (PAPER.md AMG)."""
-        return np.stack([modality_rgb(s, modality) for s in self.scenes])
-
-
-def modality_rgb(scene, modality):
-    if modality == "rgb":
-        return scene.rgb
-    if modality == "depth":
-        return data.depth_to_rgb(scene.depth)  # metric depth → linear grey over [0, MAX_DEPTH]
-    return data.seg_to_rgb(scene.seg)  # instances → palette colours
-
-
-def to_unit(images):
-    """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1], the VQ tokenizer's input range."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def from_unit(x):
-    """float (N, 3, H, W) in [-1, 1] → uint8 (N, H, W, 3)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return np.stack([data.scene_images(s)[modality] for s in self.scenes])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -486,7 +468,7 @@ def train_vq(cfg, mcfg, run, pool, device):
         idx = rng.integers(len(pool), size=cfg.vq_batch)
         mod = rng.integers(len(MODALITIES), size=cfg.vq_batch)
         mine = slice(DDP_RANK * per_rank, (DDP_RANK + 1) * per_rank)
-        x = to_unit(np.stack([images[MODALITIES[m]][i] for i, m in zip(idx[mine], mod[mine])])).to(device)
+        x = cooper.to_unit(np.stack([images[MODALITIES[m]][i] for i, m in zip(idx[mine], mod[mine])])).to(device)
         _, losses, codes = wrapped(x)
         losses["loss"].backward()
         usage = codes.unique().numel() / mcfg.codebook_size  # share of the codebook used by this batch
@@ -534,7 +516,7 @@ def encode_pool(vq, pool, device, batch=256):
     for m in MODALITIES:
         imgs = pool.images(m)
         with torch.no_grad():
-            out[m] = torch.cat([vq.encode(to_unit(imgs[i:i + batch]).to(device)).cpu()
+            out[m] = torch.cat([vq.encode(cooper.to_unit(imgs[i:i + batch]).to(device)).cpu()
                                 for i in range(0, len(imgs), batch)]).numpy()
     return out
 
@@ -618,8 +600,7 @@ def plot_curves(metrics_path, out_path, size=(640, 300)):
     W, H = size
     img = Image.new("RGB", (W, H * len(phases)), "white")
     d = ImageDraw.Draw(img)
-    colors = ["black", "tab:red", "blue", "green", "orange"]
-    palette = {"black": (0, 0, 0), "tab:red": (200, 40, 40), "blue": (40, 80, 200), "green": (40, 150, 60), "orange": (230, 140, 20)}
+    colors = [(0, 0, 0), (200, 40, 40), (40, 80, 200), (40, 150, 60), (230, 140, 20)]  # one per curve
     for pi, ph in enumerate(phases):
         rr = [r for r in rows if r.get("phase") == ph]
         keys = ["loss"] + sorted(k for k in rr[-1] if k.startswith("loss_"))
@@ -634,8 +615,8 @@ def plot_curves(metrics_path, out_path, size=(640, 300)):
             pts = [(x0 + (x1 - x0) * r["step"] / smax, y1 - (y1 - y0) * (math.log(r[k]) - lo) / (hi - lo))
                    for r in rr if k in r and r[k] > 0]
             if len(pts) > 1:
-                d.line(pts, fill=palette[colors[ki % len(colors)]], width=2)
-            d.text((x0 + 5 + 110 * ki, y0 + 3), k, fill=palette[colors[ki % len(colors)]])
+                d.line(pts, fill=colors[ki % len(colors)], width=2)
+            d.text((x0 + 5 + 110 * ki, y0 + 3), k, fill=colors[ki % len(colors)])
         d.text((5, pi * H + 3), f"{ph}: step 0..{smax}, log loss {math.exp(lo):.3g}..{math.exp(hi):.3g}", fill="black")
     img.save(out_path)
 
