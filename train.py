@@ -669,6 +669,7 @@ def prepare_run(cfg):
                  f"or choose another --out")
     if cfg.resume and not started:
         print0(f"note: --resume given but {run} has no checkpoint yet; starting from the beginning")
+    barrier()  # every rank has looked at the folder before rank 0 writes into it
     if cfg.tokenizer_from and DDP_RANK == 0 and not os.path.exists(os.path.join(run, "vq.pt")):
         for f in ("tokenizer.json", "vq.pt"):
             src = os.path.join(cfg.tokenizer_from, f)
