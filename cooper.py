@@ -8,7 +8,7 @@ evaluate, and a small command line.
 Paper mechanisms here (PAPER.md):
 - Auxiliary Modality Generation at inference: the map is generated as image codes after a depth / segmentation
   prompt, then decoded by the VQ tokenizer and read back as metres (`data.rgb_to_depth`) or instance ids
-  (`data.rgb_to_seg`).
+  (`data.rgb_to_seg`, snapped to the MAX_OBJECTS colours a map of this world can hold).
 - Adaptive interleaved reasoning (`answer(mode="interleaved")`): after the model closes a tool tag the runtime forces
   <|vision_start|>, the model generates the map's codes, and the runtime appends the reflection prompt; at most 3 text
   turns.
@@ -125,6 +125,8 @@ MODEL_CHECKPOINTS = ("grpo.pt", "sft.pt", "stage1.pt")  # the most trained one p
 class Cooper:
     """A trained run: text tokenizer + VQ image tokenizer + unified transformer, on one device."""
 
+    seg_ids = data.MAX_OBJECTS  # instance ids a segmentation map of the world can hold; None = the whole palette
+
     def __init__(self, model, vq, tokenizer, device="cpu"):
         self.model, self.vq, self.tok, self.device = model.eval(), vq.eval(), tokenizer, torch.device(device)
         self.cfg = model.cfg
@@ -202,7 +204,7 @@ class Cooper:
         gen = new[:, :n_img] - self.cfg.image_offset  # (N, h·w) code indices
         gen = gen.clamp(0, self.cfg.codebook_size - 1).view(-1, self.cfg.grid, self.cfg.grid)  # (N, h, w)
         rgb = self.decode_codes(gen)
-        maps = data.rgb_to_depth(rgb) if kind == "depth" else data.rgb_to_seg(rgb)
+        maps = data.rgb_to_depth(rgb) if kind == "depth" else data.rgb_to_seg(rgb, max_id=self.seg_ids)
         return maps, rgb
 
     def generate_map(self, image, kind, temperature=0.0, seed=0):
@@ -257,7 +259,9 @@ def evaluate(cooper, n=64, split="val", seed=0, batch=32, vqa=True):
         recon[mod] = np.concatenate([cooper.decode_codes(codes[i:i + batch]) for i in range(0, n, batch)])
         m[f"vq/psnr_{mod}"] = float(np.mean([psnr(a, b) for a, b in zip(recon[mod], img)]))
     m["vq/depth_absrel"] = float(np.mean([depth_metrics(data.rgb_to_depth(r), d)[0] for r, d in zip(recon["depth"], depth)]))
-    m["vq/seg_pixel_acc"] = float(np.mean(data.rgb_to_seg(recon["segmentation"]) == seg))
+    m["vq/seg_pixel_acc"] = float(np.mean(data.rgb_to_seg(recon["segmentation"], max_id=cooper.seg_ids) == seg))
+    m["vq/seg_count"] = float(np.mean([count_instances(data.rgb_to_seg(r, max_id=cooper.seg_ids)) == len(s.objects)
+                                       for r, s in zip(recon["segmentation"], scenes)]))  # the ceiling of use/count_from_seg
     m["vq/codebook_usage"] = len(used) / cooper.cfg.codebook_size
     # 2. auxiliary modality generation: depth (Marigold protocol, raw and aligned) and segmentation
     gen_d = np.concatenate([cooper.generate_maps(rgb[i:i + batch], "depth", seed=seed)[0] for i in range(0, n, batch)])

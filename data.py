@@ -44,6 +44,7 @@ IMAGE_SIZE = 64
 MAX_DEPTH = 20.0          # metres; sky and far ground read MAX_DEPTH (paper: 65 m Hypersim, 80 m KITTI)
 CAMERA_HEIGHT = 1.6       # metres above the ground
 PITCH = math.radians(15)  # camera looks this much below the horizon
+MAX_OBJECTS = 6           # objects per scene: 2..MAX_OBJECTS
 MIN_PIXELS = 12           # at 64x64; every object must show at least this many pixels (scaled with area)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -73,6 +74,9 @@ COLORS = {"red": (205, 45, 40), "green": (45, 165, 60), "blue": (45, 85, 215), "
 # Instance palette for segmentation maps: id 0 (background) black, ids 1..15 colours on the {0, 128, 255}^3
 # grid, so any two are >= 128 apart and rgb_to_seg survives per-channel errors of up to ~64.
 # Ids above 15 wrap around (id -> 1 + (id - 1) % 15), so rgb_to_seg cannot tell id 1 from id 16.
+# The world has at most MAX_OBJECTS objects, so its maps use ids 1..6 only: the six corners of the RGB cube. A pixel
+# where a decoded map blends two of them (red + green -> (128, 128, 0)) lies nearest to an unused id (7..15); snapping
+# the world's maps with rgb_to_seg(rgb, max_id=MAX_OBJECTS) sends it to a colour that exists instead.
 PALETTE = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
                     (0, 255, 255), (255, 128, 0), (128, 0, 255), (0, 128, 255), (255, 0, 128), (128, 255, 0),
                     (0, 255, 128), (255, 255, 255), (128, 128, 255), (255, 128, 128)], np.uint8)
@@ -303,7 +307,7 @@ def make_scene(seed, size=IMAGE_SIZE):
     rng = np.random.default_rng(seed)
     min_px = max(1, round(MIN_PIXELS * (size / IMAGE_SIZE) ** 2))
     objs = []
-    for _ in range(rng.integers(2, 7)):
+    for _ in range(rng.integers(2, MAX_OBJECTS + 1)):
         ob = _sample_object(rng)
         if _place(rng, ob, objs):
             objs.append(ob)
@@ -366,10 +370,12 @@ def seg_to_rgb(seg):
     return PALETTE[np.where(seg > 0, 1 + (seg - 1) % (len(PALETTE) - 1), 0)]
 
 
-def rgb_to_seg(rgb):
-    """Snap every pixel to the nearest palette colour, so a slightly wrong map still decodes."""
+def rgb_to_seg(rgb, max_id=None):
+    """Snap every pixel to the nearest palette colour, so a slightly wrong map still decodes. max_id limits the
+    candidates to background + ids 1..max_id (this world's maps: max_id=MAX_OBJECTS); None = the whole palette."""
     x = np.asarray(rgb, np.float32)
-    d = ((x[..., None, :] - PALETTE.astype(np.float32)) ** 2).sum(-1)   # (..., K) squared distances
+    pal = PALETTE[:None if max_id is None else max_id + 1].astype(np.float32)  # (K, 3)
+    d = ((x[..., None, :] - pal) ** 2).sum(-1)                              # (..., K) squared distances
     return d.argmin(-1).astype(np.int64)
 
 

@@ -4,6 +4,8 @@ Paper mechanisms here (PAPER.md "Architecture", DESIGN.md "Sequence layout"):
 - One token stream, one vocabulary: text ids | special ids in [0, text_vocab), image codes in [text_vocab, vocab_size).
   Input images and generated depth / segmentation maps are all sequences of codes from one shared VQ codebook.
 - Qwen2.5-style decoder as in BAGEL: RoPE, RMSNorm, SwiGLU, grouped-query attention, QK-norm.
+- 2-D position of image tokens (BAGEL adds a learned 2-D position embedding to its ViT and VAE tokens): every image
+  code gets pos2d[row·w + col] of its place in the h×w grid on top of the sequence's 1-D RoPE.
 - Mixture-of-Transformers (BAGEL, `mot=True`): image-code tokens use their own norms, QKV/O projections and MLP;
   attention over the whole sequence is shared.
 - Auxiliary Modality Generation at inference: `generate` samples exactly h×w image codes after <|vision_start|> and
@@ -309,6 +311,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.last_text = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # for the 2-D image positions
 
     def update(self, layer, k, v):
         """Write the new keys/values (B, nkv, T, hs) after the cached ones; return all of them (B, nkv, Tk, hs)."""
@@ -327,6 +330,7 @@ class UnifiedTransformer(nn.Module):
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos2d = nn.Parameter(torch.zeros(cfg.image_tokens, cfg.n_embd))  # learned 2-D position of each image code
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norms = nn.ModuleList(nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps) for _ in range(2 if cfg.mot else 1))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -374,7 +378,7 @@ class UnifiedTransformer(nn.Module):
         assert past + T <= cfg.max_seq_len, "sequence longer than max_seq_len"
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]                # (B, T, hs/2)
         is_img = idx >= cfg.image_offset                                 # (B, T) MoT routing by token id
-        x = self.embed(idx)                                              # (B, T, C)
+        x = self.embed(idx) + self.image_positions(idx, is_img, past, cache)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             args = (x, is_img, cos, sin, cache, i, key_padding_mask)
             if cfg.grad_ckpt and self.training and torch.is_grad_enabled():
@@ -394,6 +398,20 @@ class UnifiedTransformer(nn.Module):
         # next-token cross-entropy over the masked positions only
         loss = F.cross_entropy(logits[mask].float(), targets[mask])     # (N_masked, V) vs (N_masked,)
         return logits, loss
+
+    def image_positions(self, idx, is_img, past, cache):
+        """BAGEL's 2-D position embedding of image tokens: the k-th code of an image block (raster order) gets pos2d[k];
+        text tokens get 0. k = t - (position of the last non-image token before t) - 1; the cache carries that position
+        across decoding steps."""
+        t = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,) absolute positions
+        last = torch.where(is_img, -1, t)                                # (B, T) own position for text tokens
+        if cache is not None:
+            last = torch.cat([cache.last_text[:, None], last], dim=1)    # (B, 1 + T) the cached one first
+        last = last.cummax(dim=1).values[:, -idx.shape[1]:]              # (B, T) last text position at or before t
+        if cache is not None:
+            cache.last_text = last[:, -1]
+        k = (t - last - 1).clamp(0, self.cfg.image_tokens - 1)           # (B, T) index in the h×w grid
+        return torch.where(is_img[..., None], self.pos2d[k], 0.0)        # (B, T, C)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, vision_start, vision_end, stop_id=None,

@@ -86,6 +86,18 @@ def test_seg_round_trip_exact_and_noise_robust():
     assert (data.seg_to_rgb(np.array([K])) == data.PALETTE[1]).all()   # documented wrap-around
 
 
+def test_seg_snap_to_the_worlds_ids():
+    """max_id=MAX_OBJECTS keeps ids 0..6 exact and sends a blend of two of them (an unused id under the full
+    palette) to one of the two; scenes never hold more than MAX_OBJECTS objects."""
+    ids = np.arange(data.MAX_OBJECTS + 1)[None]  # (1, 7)
+    assert (data.rgb_to_seg(data.seg_to_rgb(ids), max_id=data.MAX_OBJECTS) == ids).all()
+    red, green = data.PALETTE[1].astype(int), data.PALETTE[2].astype(int)
+    blend = ((red * 3 + green * 2) // 5).astype(np.uint8)[None, None]  # mostly red: (153, 102, 0)
+    assert data.rgb_to_seg(blend)[0, 0] > data.MAX_OBJECTS   # the full palette reads an id no world map uses
+    assert data.rgb_to_seg(blend, max_id=data.MAX_OBJECTS)[0, 0] == 1
+    assert max(len(data.make_scene(data.scene_seed("train", i)).objects) for i in range(60)) <= data.MAX_OBJECTS
+
+
 def test_colorize_depth_near_red_far_blue():
     """The display colormap puts red first for near depths and blue first for far ones."""
     c = data.colorize_depth(np.array([[0.5, data.MAX_DEPTH - 0.5]])).astype(int)

@@ -160,6 +160,25 @@ def test_kv_cache_matches_full_forward(impl, mot):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_image_positions_2d():
+    """Each image code gets pos2d[k], k = its index in its block (raster order); text gets nothing; the same through
+    the KV cache fed one token at a time, and the logits then match the full forward."""
+    model = make()
+    with torch.no_grad():
+        model.pos2d.normal_()  # zero at initialisation; make it visible
+    V = TCFG.image_offset
+    idx = torch.tensor([[1, VS, V + 5, V + 6, V + 7, V + 8, VE, 9, VS, V + 1, V + 2, V + 3, V + 4, VE, 7]])
+    is_img = idx >= V
+    pos = model.image_positions(idx, is_img, 0, None)  # (1, T, C)
+    want = [None, None, 0, 1, 2, 3, None, None, None, 0, 1, 2, 3, None, None]
+    for t, k in enumerate(want):
+        torch.testing.assert_close(pos[0, t], torch.zeros(TCFG.n_embd) if k is None else model.pos2d[k])
+    full = model(idx)[0]
+    cache = model.new_cache(1, idx.shape[1])
+    steps = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(3, idx.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padded_batch_equals_individual():
     """A left-padded batch (positions skip the pads) gives each sequence's logits alone, for the prompt and for
     further tokens decoded through the KV cache."""
@@ -315,7 +334,7 @@ def test_bagel_7b_size_on_meta_device():
         dense, mot = UnifiedTransformer(cfg), UnifiedTransformer(replace(cfg, mot=True))
     C, Fh, L, V, hs = 3584, 18944, 28, 152064 + cfg.codebook_size, 128
     per_expert = C * (28 + 2 * 4) * hs + 28 * hs * C + 3 * C * Fh + 2 * C + 2 * hs  # qkv, o, SwiGLU, norms
-    assert dense.num_params() == 2 * V * C + L * per_expert + C
+    assert dense.num_params() == 2 * V * C + cfg.image_tokens * C + L * per_expert + C  # + the 2-D image positions
     assert mot.num_params() == dense.num_params() + L * per_expert + C
     assert 7.5e9 < dense.num_params() < 7.9e9 and 13.9e9 < mot.num_params() < 14.5e9
     assert mot.num_params(active=True) == dense.num_params()
