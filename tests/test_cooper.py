@@ -59,6 +59,7 @@ def test_cooper_load_generate_answer(tiny_run):
     s = c.generate_map(scene.rgb, "segmentation")
     assert d.shape == s.shape == scene.depth.shape and d.dtype == np.float32 and s.dtype.kind == "i"
     assert (d >= 0).all() and (d <= data.MAX_DEPTH + 1e-4).all()
+    assert 0 <= s.min() and s.max() <= data.MAX_OBJECTS  # snapped to the world's instance colours only
     np.testing.assert_array_equal(d, c.generate_map(scene.rgb, "depth"))
     q = data.make_questions(scene, np.random.default_rng(0))[0]
     out = c.answer(scene.rgb, q.text)

@@ -78,6 +78,7 @@ def test_run_folder_files(tiny_run):
     rows = [json.loads(l) for l in open(os.path.join(tiny_run, "metrics.jsonl"))]
     ev = [r for r in rows if r["phase"] == "eval"]
     assert ev and 0.0 <= ev[-1]["seg/pixel_acc"] <= 1.0 and "vq/psnr_rgb" in ev[-1] and "vqa/mean" in ev[-1]
+    assert 0.0 <= ev[-1]["vq/seg_count"] <= 1.0 and 0.0 <= ev[-1]["use/count_from_seg"] <= 1.0
 
 
 def test_errors_say_what_to_do(tiny_run, tmp_path):
