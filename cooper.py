@@ -259,9 +259,10 @@ def evaluate(cooper, n=64, split="val", seed=0, batch=32, vqa=True):
         recon[mod] = np.concatenate([cooper.decode_codes(codes[i:i + batch]) for i in range(0, n, batch)])
         m[f"vq/psnr_{mod}"] = float(np.mean([psnr(a, b) for a, b in zip(recon[mod], img)]))
     m["vq/depth_absrel"] = float(np.mean([depth_metrics(data.rgb_to_depth(r), d)[0] for r, d in zip(recon["depth"], depth)]))
-    m["vq/seg_pixel_acc"] = float(np.mean(data.rgb_to_seg(recon["segmentation"], max_id=cooper.seg_ids) == seg))
-    m["vq/seg_count"] = float(np.mean([count_instances(data.rgb_to_seg(r, max_id=cooper.seg_ids)) == len(s.objects)
-                                       for r, s in zip(recon["segmentation"], scenes)]))  # the ceiling of use/count_from_seg
+    recon_seg = data.rgb_to_seg(recon["segmentation"], max_id=cooper.seg_ids)  # (n, H, W) instance ids
+    m["vq/seg_pixel_acc"] = float(np.mean(recon_seg == seg))
+    # counting on the reconstruction of the true map: the ceiling of use/count_from_seg
+    m["vq/seg_count"] = float(np.mean([count_instances(r) == len(s.objects) for r, s in zip(recon_seg, scenes)]))
     m["vq/codebook_usage"] = len(used) / cooper.cfg.codebook_size
     # 2. auxiliary modality generation: depth (Marigold protocol, raw and aligned) and segmentation
     gen_d = np.concatenate([cooper.generate_maps(rgb[i:i + batch], "depth", seed=seed)[0] for i in range(0, n, batch)])

@@ -387,9 +387,14 @@ def colorize_depth(depth, max_depth=MAX_DEPTH):
     return np.rint(_SPECTRAL[lo] * (1 - a) + _SPECTRAL[lo + 1] * a).astype(np.uint8)
 
 
-def scene_images(scene):
-    """The three RGB images a scene contributes to training: input, depth target, segmentation target."""
-    return {"rgb": scene.rgb, "depth": depth_to_rgb(scene.depth), "segmentation": seg_to_rgb(scene.seg)}
+def scene_image(scene, modality):
+    """The RGB image a scene contributes to training for one modality: "rgb" (the input), "depth" or
+    "segmentation" (the targets, encoded as RGB). Only the asked-for encoding is computed."""
+    if modality == "depth":
+        return depth_to_rgb(scene.depth)
+    if modality == "segmentation":
+        return seg_to_rgb(scene.seg)
+    return scene.rgb
 
 
 # ----------------------------------------------------------------------------- questions

@@ -291,7 +291,7 @@ class ScenePool:
 
     def images(self, modality):
         """(N, H, W, 3) uint8: the RGB images, or the depth / segmentation maps encoded as RGB (PAPER.md AMG)."""
-        return np.stack([data.scene_images(s)[modality] for s in self.scenes])
+        return np.stack([data.scene_image(s, modality) for s in self.scenes])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -558,9 +558,10 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
                 loss.backward()
             total += loss.item()
             per_seq = torch.zeros(len(chunk), device=ce.device).index_add_(0, lm.nonzero()[:, 0], ce.detach())  # (B,)
-            for b, (_, _, kind) in enumerate(chunk):  # per-task loss, for the progress line and the curves
-                sums[kind] = sums.get(kind, 0.0) + per_seq[b].item()
-                counts[kind] = counts.get(kind, 0) + int(lm[b].sum())
+            # per-task loss, for the progress line and the curves: one device-to-host copy per chunk, not per sequence
+            for (_, _, kind), l, n in zip(chunk, per_seq.tolist(), lm.sum(1).tolist()):
+                sums[kind] = sums.get(kind, 0.0) + l
+                counts[kind] = counts.get(kind, 0) + n
         stats = {"loss": total, "tok/s": sum(len(i) for i, _, _ in mine) / (time.time() - t0)}
         stats.update({f"loss_{k}": sums[k] / max(1, counts[k]) for k in sums})
         return stats
