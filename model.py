@@ -411,7 +411,8 @@ class UnifiedTransformer(nn.Module):
         if cache is not None:
             cache.last_text = last[:, -1]
         k = (t - last - 1).clamp(0, self.cfg.image_tokens - 1)           # (B, T) index in the h×w grid
-        return torch.where(is_img[..., None], self.pos2d[k], 0.0)        # (B, T, C)
+        # F.embedding, not self.pos2d[k]: its CPU backward sums repeated indices in a fixed order (bit-reproducible runs)
+        return torch.where(is_img[..., None], F.embedding(k, self.pos2d), 0.0)  # (B, T, C)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, vision_start, vision_end, stop_id=None,

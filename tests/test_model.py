@@ -179,6 +179,24 @@ def test_image_positions_2d():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_image_positions_gradient_is_bit_reproducible():
+    """Two identical backward passes with 2 threads give bit-identical pos2d gradients (indexing's backward does not),
+    so a run repeats exactly."""
+    cfg = PRESETS["tiny"]
+    model = make(cfg)
+    idx = rand_ids(cfg, 32, 160)  # large enough for the backward to run on both threads
+    grads, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(8):
+            model.zero_grad()
+            model(idx, targets=idx)[1].backward()
+            grads.append(model.pos2d.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads) and grads[0].abs().sum() > 0
+
+
 def test_left_padded_batch_equals_individual():
     """A left-padded batch (positions skip the pads) gives each sequence's logits alone, for the prompt and for
     further tokens decoded through the KV cache."""
