@@ -245,7 +245,7 @@ class Cooper:
 def evaluate(cooper, n=64, split="val", seed=0, batch=32, vqa=True):
     """Evaluate the VQ tokenizer, the generated maps, the maps' usefulness for answering, and direct-answer VQA on the
     first n scenes of `split`. Returns (metrics: flat dict of floats, samples: dict of uint8 image stacks)."""
-    scenes = [data.make_scene(data.scene_seed(split, i)) for i in range(n)]
+    scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
     rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
     depth = np.stack([s.depth for s in scenes])  # (n, H, W) metres
     seg = np.stack([s.seg for s in scenes])  # (n, H, W) instance ids

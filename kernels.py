@@ -225,6 +225,11 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):  # fp32 insides, as in the forward
+            return FlashAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         q, k, v, out, lse2, pad = ctx.saved_tensors
         need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
         causal, block_q, block_k = ctx.causal, ctx.block_q, ctx.block_k
@@ -288,9 +293,12 @@ def attention(q, k, v, causal=True, key_padding_mask=None, impl=None):
     assert q.shape[1] % k.shape[1] == 0, "number of query heads must be a multiple of kv heads"
     if impl == "fused":
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if q.shape[2] <= SMALL_TQ and not grad:
-            return _attention_small(q, k, v, causal, key_padding_mask)  # decoding: tiling cannot pay
-        return FlashAttention.apply(q, k, v, causal, key_padding_mask, BLOCK_Q, BLOCK_K)
+        # the kernel sets its own precision (bf16 in and out, fp32 inside); autocast would turn its inner
+        # matmuls back to bf16 and break its in-place fp32 accumulators
+        with torch.autocast(q.device.type, enabled=False):
+            if q.shape[2] <= SMALL_TQ and not grad:
+                return _attention_small(q, k, v, causal, key_padding_mask)  # decoding: tiling cannot pay
+            return FlashAttention.apply(q, k, v, causal, key_padding_mask, BLOCK_Q, BLOCK_K)
     if impl == "reference":
         return attention_reference(q, k, v, causal, key_padding_mask)
     if impl == "sdpa":

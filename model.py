@@ -30,6 +30,7 @@ V vocabulary, K codebook size, D code dimension, h×w code grid, H×W pixels.
 Tests: python -m pytest tests/test_model.py
 """
 import argparse
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -519,35 +520,46 @@ def estimate_memory(cfg: ModelConfig, batch_tokens, dtype=torch.bfloat16):
     return out
 
 
-def _median_time(fn, repeats):
+def _median_time(fn, repeats, sync=lambda: None):
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
-def bench():
-    """Tokens/s forward+backward (fused vs SDPA attention), KV-cache speed-up, FLOP/s share of the matmul rate."""
+def bench(device="cpu"):
+    """Tokens/s forward+backward (fused vs SDPA attention), KV-cache speed-up, FLOP/s share of the matmul rate.
+    On CUDA the step runs under bf16 autocast (as train.py does), the rate is a bf16 4096³ matmul's, and `base` is added."""
     torch.manual_seed(0)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    # the float32 matmul rate is measured again right before each row: on a shared CPU the load changes by the minute
-    peak = lambda: 2 * 1024 ** 3 / _median_time(lambda: a @ b, 15)
-    print(f"training step fwd+bwd, {torch.get_num_threads()} threads; FLOP share vs a 1024³ float32 matmul (median)")
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    n = 4096 if cuda else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
+    # the matmul rate is measured again right before each row: on a shared CPU the load changes by the minute
+    peak = lambda: 2 * n ** 3 / _median_time(lambda: a @ b, 15, sync)
+    threads = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"training step fwd+bwd, {threads}; FLOP share vs a {n}³ {a.dtype} matmul (median)")
     print(f"{'preset':8s} {'attn':6s} {'B×T':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'matmul GFLOP/s':>15s} {'share':>6s}")
-    for name, (B, T) in [("tiny", (8, 160)), ("small", (4, 256))]:
+    shapes = [("tiny", (8, 160)), ("small", (4, 256))] + ([("small", (32, 512)), ("base", (16, 1024))] if cuda else [])
+    for name, (B, T) in shapes:
         for impl in ("fused", "sdpa"):
             cfg = replace(PRESETS[name], attn_impl=impl)
-            model = UnifiedTransformer(cfg)
-            idx = torch.randint(0, cfg.vocab_size, (B, T))
+            model = UnifiedTransformer(cfg).to(device)
+            idx = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
             def step():
                 model.zero_grad(set_to_none=True)
-                model(idx, targets=idx)[1].backward()
+                with amp():
+                    loss = model(idx, targets=idx)[1]
+                loss.backward()
             step()
             rate = peak()
-            dt = _median_time(step, 7)
+            dt = _median_time(step, 7, sync)
             # training FLOPs/token: 6 × matmul params (embedding lookup excluded) + causal attention 6·L·C·T
             n_mm = model.num_params() - model.embed.weight.numel()
             flops = (6 * n_mm + 6 * cfg.n_layer * cfg.n_embd * T) * B * T / dt
@@ -555,12 +567,12 @@ def bench():
                   f"{100 * flops / rate:5.1f}%")
     print("\nKV cache: 256 new tokens after a 16-token prompt, batch 1, greedy")
     for name in ("tiny", "small"):
-        model = UnifiedTransformer(PRESETS[name]).eval()
-        prompt = torch.randint(0, model.cfg.text_vocab, (1, 16))
+        model = UnifiedTransformer(PRESETS[name]).to(device).eval()
+        prompt = torch.randint(0, model.cfg.text_vocab, (1, 16), device=device)
 
         @torch.no_grad()
         def cached():
-            cache = model.new_cache(1, 16 + 256)
+            cache = model.new_cache(1, 16 + 256, device=device)
             logits, _ = model(prompt, cache=cache)
             for _ in range(256):
                 logits, _ = model(logits[:, -1:].argmax(-1), cache=cache)
@@ -570,7 +582,7 @@ def bench():
             seq = prompt
             for _ in range(256):
                 seq = torch.cat([seq, model(seq)[0][:, -1:].argmax(-1)], dim=1)
-        tc, tr = _median_time(cached, 3), _median_time(recompute, 3)
+        tc, tr = _median_time(cached, 3, sync), _median_time(recompute, 3, sync)
         print(f"{name:8s} cached {tc:6.2f} s   recompute {tr:6.2f} s   speed-up {tr / tc:5.1f}×")
 
 
@@ -580,9 +592,10 @@ def main():
     p.add_argument("--mot", action="store_true", help="Mixture-of-Transformers (image-code expert)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per step for the memory estimate")
     p.add_argument("--bench", action="store_true", help="run the speed benchmark instead")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --bench")
     args = p.parse_args()
     if args.bench:
-        return bench()
+        return bench(torch.device(args.device))
     cfg = replace(PRESETS[args.preset], mot=args.mot or PRESETS[args.preset].mot)
     with torch.device("meta"):  # no memory is allocated: shapes only
         model = UnifiedTransformer(cfg)

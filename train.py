@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cooper
+import kernels
 import data
 from model import PRESETS, UnifiedTransformer, VQTokenizer
 
@@ -156,6 +157,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | mps
     seed: int = 0
     compile: bool = False          # torch.compile the transformer (opt-in: slow to start, faster on GPUs)
+    attn: str = ""                 # attention kernel instead of the preset's: fused | sdpa | reference (same maths)
     fsdp: bool = False             # shard parameters with FSDP under torchrun (large presets) instead of DDP
     tokenizer_from: str = ""       # copy tokenizer.json + vq.pt from this run instead of training a new VQ tokenizer
     # VQ tokenizer phase
@@ -182,7 +184,7 @@ class TrainConfig:
 
 
 # fields whose change does not change what a run computes: allowed to differ on --resume
-RUNTIME_FIELDS = {"resume", "max_steps", "device", "out", "compile", "eval_every", "save_every", "log_every", "n_eval"}
+RUNTIME_FIELDS = {"resume", "max_steps", "device", "out", "compile", "attn", "eval_every", "save_every", "log_every", "n_eval"}
 
 
 def parse_args(argv=None):
@@ -197,6 +199,8 @@ def parse_args(argv=None):
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.preset not in PRESETS:
         p.error(f"unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if cfg.attn and cfg.attn not in kernels.IMPLS:
+        p.error(f"unknown --attn {cfg.attn!r}; choose one of: {', '.join(kernels.IMPLS)}")
     if cfg.stage not in (1, 2):
         p.error("--stage must be 1 or 2")
     cfg.out = cfg.out or os.path.join("runs", cfg.preset)
@@ -282,8 +286,9 @@ class ScenePool:
     image and every target together by `data.flip_scene`, which also mirrors the 3-D metadata, so left/right answers
     made from a flipped scene are right."""
 
-    def __init__(self, n, desc="scenes"):
-        base = [data.make_scene(data.scene_seed("train", i)) for i in tqdm(range(n), desc=desc, disable=DDP_RANK > 0)]
+    def __init__(self, n, size=data.IMAGE_SIZE, desc="scenes"):
+        base = [data.make_scene(data.scene_seed("train", i), size)
+                for i in tqdm(range(n), desc=desc, disable=DDP_RANK > 0)]
         self.scenes = base + [data.flip_scene(s) for s in base]  # index i + n is the mirror of scene i
 
     def __len__(self):
@@ -424,7 +429,8 @@ def check_same_config(ck, cfg, mcfg, path):
     old = {k: v for k, v in ck["train_config"].items() if k not in RUNTIME_FIELDS}
     new = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
     diff = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    diff += [f"model.{k}: {v!r} → {asdict(mcfg).get(k)!r}" for k, v in ck["model_config"].items() if asdict(mcfg).get(k) != v]
+    diff += [f"model.{k}: {v!r} → {asdict(mcfg).get(k)!r}" for k, v in ck["model_config"].items()
+             if asdict(mcfg).get(k) != v and k != "attn_impl"]  # the attention kernel is a runtime choice too
     if diff:
         sys.exit(f"error: {path} was written with a different configuration ({'; '.join(diff)}). "
                  f"Resume with the original flags, or start a new run with another --out.")
@@ -625,7 +631,7 @@ def plot_curves(metrics_path, out_path, size=(640, 300)):
 def stage1(cfg):
     device = setup_distributed(cfg)
     run = prepare_run(cfg)
-    mcfg = replace(PRESETS[cfg.preset])
+    mcfg = replace(PRESETS[cfg.preset], attn_impl=cfg.attn or PRESETS[cfg.preset].attn_impl)
     tok_path, vq_path = os.path.join(run, "tokenizer.json"), os.path.join(run, "vq.pt")
     if not os.path.exists(tok_path):  # the text tokenizer: byte-level BPE on the world's text, deterministic
         if DDP_RANK == 0:
@@ -633,7 +639,7 @@ def stage1(cfg):
         barrier()
     tok = data.load_tokenizer(tok_path)
     mcfg.text_vocab = tok.get_vocab_size()
-    pool = ScenePool(cfg.n_train_scenes)
+    pool = ScenePool(cfg.n_train_scenes, mcfg.image_size)
     vq_ck = load_checkpoint(vq_path) if os.path.exists(vq_path) else None
     if vq_ck is not None and vq_ck["step"] >= cfg.vq_steps:  # a finished VQ tokenizer: reuse it
         vq = VQTokenizer(mcfg).to(device)

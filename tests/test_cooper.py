@@ -89,3 +89,19 @@ def test_ask_command_writes_maps(tiny_run, tmp_path, capsys):
     assert "answer:" in text and "resizing" in text
     for f in ("input.png", "depth.png", "segmentation.png"):
         assert Image.open(tmp_path / "maps" / f).size == (64, 64)
+
+
+def test_evaluate_uses_the_models_image_size(tiny_run):
+    """A preset with another image size (base: 128×128) is evaluated on scenes rendered at its size, and its training
+    pool is rendered at that size too (a 64×64 world under a 128×128 model once crashed the evaluation)."""
+    from dataclasses import replace
+    import torch
+    import train
+    from model import PRESETS, UnifiedTransformer, VQTokenizer
+    assert train.ScenePool(2, size=32).images("depth").shape == (4, 32, 32, 3)
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["tiny"], image_size=32, text_vocab=tok.get_vocab_size())  # 4×4 codes per image
+    m, samples = cooper.evaluate(cooper.Cooper(UnifiedTransformer(cfg), VQTokenizer(cfg), tok), n=2, vqa=False)
+    assert samples["rgb"].shape == (2, 32, 32, 3) and samples["gen_depth"].shape == samples["gen_seg"].shape == (2, 32, 32)
+    assert 0 <= m["seg/pixel_acc"] <= 1

@@ -89,22 +89,24 @@ def test_gradcheck_fused():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_matches_sdpa_float32(case):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_matches_sdpa_float32(case, device):
     """In float32 the fused path (default tiles and small tiles) agrees with torch SDPA (with bottom-right
     causal mask and GQA) to atol 2e-5 on the output and 1e-4 on the gradients."""
     B, nh, nkv, Tq, Tk, hs, causal, padded = case
-    q, k, v = make(B, nh, nkv, Tq, Tk, hs, dtype=torch.float32)
-    mask = padding(B, Tk) if padded else None
+    q, k, v = make(B, nh, nkv, Tq, Tk, hs, dtype=torch.float32, device=device)
+    mask = padding(B, Tk).to(device) if padded else None
     want = grads(attention(q, k, v, causal, mask, impl="sdpa"), (q, k, v))
     for out in (attention(q, k, v, causal, mask, impl="fused"), fused(q, k, v, causal, mask)):
         for i, (a, b) in enumerate(zip(grads(out, (q, k, v)), want)):
             assert torch.allclose(a, b, atol=2e-5 if i == 0 else 1e-4, rtol=1e-4), (i, (a - b).abs().max())
 
 
-def test_bfloat16_within_tolerance():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_within_tolerance(device):
     """bfloat16 inputs: output and gradients stay in bf16 and are within 2e-2 (a few bf16 ulps at these
     magnitudes) of float64 math on the same bf16-rounded inputs, because the kernel accumulates in float32."""
-    q, k, v = make(2, 4, 2, 45, 45, 16, dtype=torch.bfloat16)
+    q, k, v = make(2, 4, 2, 45, 45, 16, dtype=torch.bfloat16, device=device)
     got = grads(fused(q, k, v), (q, k, v))
     assert all(t.dtype == torch.bfloat16 for t in got)
     q64, k64, v64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -215,3 +217,16 @@ def test_memory_grows_linearly():
         peaks[T] = kernels._peak_bytes(lambda: kernels._run("fused", q, k, v, True), torch.device("cpu"))
     assert peaks[512] < 2.5 * peaks[256]
     assert peaks[512] < 2 * 512 * 512 * 4  # one score matrix of the naive path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_under_autocast(device):
+    """Inside a bf16 autocast region (how train.py runs on GPUs) the fused path gives exactly what it gives on the
+    same bf16 inputs outside autocast, forward and backward: autocast must not re-cast the kernel's fp32 insides
+    (it once made the in-place accumulation fail with a dtype error)."""
+    q, k, v = make(2, 4, 2, 70, 70, 16, dtype=torch.bfloat16, device=device)
+    want = grads(attention(q, k, v, impl="fused"), (q, k, v))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = grads(attention(q, k, v, impl="fused"), (q, k, v))
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)

@@ -31,6 +31,8 @@ def test_every_flag_is_read():
             argv, want = [flag, "small"], "small"
         elif f.name == "stage":
             argv, want = [flag, "2"], 2
+        elif f.name == "attn":
+            argv, want = [flag, "sdpa"], "sdpa"
         elif f.type in (str, "str"):
             argv, want = [flag, "x/y"], "x/y"
         else:
@@ -86,6 +88,9 @@ def test_errors_say_what_to_do(tiny_run, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse error: unknown preset
         train.parse_args(["--preset", "huge"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # unknown attention kernel
+        train.parse_args(["--attn", "flash3"])
+    assert e.value.code == 2
     with pytest.raises(SystemExit, match="already holds a run"):  # would overwrite a run
         train.main(["--stage", "1", "--out", tiny_run] + FAST)
     with pytest.raises(SystemExit, match="different configuration"):  # resume with other settings
@@ -134,3 +139,14 @@ def test_ddp_and_fsdp_two_processes(tmp_path):
     wa = torch.load(os.path.join(ddp, "stage1.pt"), weights_only=False)["model"]
     wb = torch.load(os.path.join(fsdp, "stage1.pt"), weights_only=False)["model"]
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_bf16_autocast_path(tmp_path, monkeypatch):
+    """The GPU path (every forward under bf16 autocast) run on the CPU: a miniature stage 1 trains with finite
+    losses and evaluates. Autocast once broke the fused attention's fp32 accumulators, which a CPU-only
+    float32 run never exercises."""
+    monkeypatch.setattr(train, "autocast_for", lambda device: lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    out = str(tmp_path / "bf16")
+    train.main(["--stage", "1", "--out", out] + FAST)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(out, "stage1").values())
+    assert len(losses(out, "stage1")) == 6
