@@ -16,12 +16,12 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
   step "CUDA kernel tests"
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -4
+  timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda 2>&1 | tail -4
   step "model benchmark (bf16 autocast)"
-  timeout 120 $PY model.py --bench --device cuda
+  timeout 100 $PY model.py --bench --device cuda
   step "attention benchmark, bf16"
-  timeout 90 $PY kernels.py --bench --device cuda --dtype bfloat16 --repeats 5
-  for spec in "small 300 300 64 150" "base 200 200 16 150"; do
+  timeout 60 $PY kernels.py --bench --device cuda --dtype bfloat16 --repeats 5
+  for spec in "small 300 300 64 150" "base 150 150 8 140"; do
     set -- $spec
     step "stage 1, preset $1, bf16, $2 VQ steps + $3 transformer steps"
     rm -rf "runs/gpu_$1"
