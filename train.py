@@ -157,7 +157,8 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda | mps
     seed: int = 0
     compile: bool = False          # torch.compile the transformer (opt-in: slow to start, faster on GPUs)
-    attn: str = ""                 # attention kernel instead of the preset's: fused | sdpa | reference (same maths)
+    attn: str = ""                 # attention kernel, same maths: fused | sdpa | reference; "" = sdpa on CUDA
+                                   # (4-6× faster there, docs/gpu.md), the preset's (fused) elsewhere
     fsdp: bool = False             # shard parameters with FSDP under torchrun (large presets) instead of DDP
     tokenizer_from: str = ""       # copy tokenizer.json + vq.pt from this run instead of training a new VQ tokenizer
     # VQ tokenizer phase
@@ -631,7 +632,9 @@ def plot_curves(metrics_path, out_path, size=(640, 300)):
 def stage1(cfg):
     device = setup_distributed(cfg)
     run = prepare_run(cfg)
-    mcfg = replace(PRESETS[cfg.preset], attn_impl=cfg.attn or PRESETS[cfg.preset].attn_impl)
+    attn = cfg.attn or ("sdpa" if device.type == "cuda" else PRESETS[cfg.preset].attn_impl)
+    mcfg = replace(PRESETS[cfg.preset], attn_impl=attn)
+    print0(f"attention kernel: {attn}" + ("" if cfg.attn else " (choose with --attn)"))
     tok_path, vq_path = os.path.join(run, "tokenizer.json"), os.path.join(run, "vq.pt")
     if not os.path.exists(tok_path):  # the text tokenizer: byte-level BPE on the world's text, deterministic
         if DDP_RANK == 0:
