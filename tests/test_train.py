@@ -121,7 +121,9 @@ def torchrun(out, *extra):
            os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, "--device", "cpu", *extra] + FAST
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[:6000]
+    # on failure show each rank's own error lines (a crashing rank's message sits mid-stderr) and the summary
+    errs = [l for l in r.stderr.splitlines() if any(w in l for w in ("Error", "error", "terminate", "what()", "Abort"))]
+    assert r.returncode == 0, r.stdout[-2000:] + "\n".join(errs[:40]) + r.stderr[-4000:]
     return r.stdout
 
 
