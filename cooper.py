@@ -248,7 +248,7 @@ def evaluate(cooper, n=64, split="val", seed=0, batch=32, vqa=True):
     scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
     rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
     depth = np.stack([s.depth for s in scenes])  # (n, H, W) metres
-    seg = np.stack([s.seg for s in scenes])  # (n, H, W) instance ids
+    seg = np.stack([data.reading_order(s.seg) for s in scenes])  # (n, H, W) instance ids, as the targets number them
     m, used = {}, set()
     # 1. the VQ tokenizer alone: reconstruct each modality through encode → decode
     targets = {"rgb": rgb, "depth": data.depth_to_rgb(depth), "segmentation": data.seg_to_rgb(seg)}

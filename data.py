@@ -17,6 +17,10 @@ Deviations from the paper, and why:
   depth settles distances and relative size, segmentation settles counting, the RGB image alone settles
   existence and attributes; height and left/right are boundary cases.
 - Tags are single added tokens of the tokenizer (DESIGN.md item 5); they decode to the same text.
+- Segmentation targets number their instances in the raster order a generator meets them (`reading_order`),
+  not in an arbitrary order: a raster-order generator then gives each new object "the next colour". With
+  nearest-first numbering the far objects, met first, needed the total count in advance. Counting from
+  generated maps rose from 13 % to 25 % (128 val scenes, default run).
 
 Layout of this file: constants -> world (make_scene, flip_scene) -> encodings -> questions ->
 trajectories -> sequence layout -> tokenizer -> your own data -> command line.
@@ -370,6 +374,27 @@ def seg_to_rgb(seg):
     return PALETTE[np.where(seg > 0, 1 + (seg - 1) % (len(PALETTE) - 1), 0)]
 
 
+SEG_CELL = 8  # pixels per side of one code cell of the tiny / small / base tokenizers (vq_downsample)
+
+
+def reading_order(seg, cell=SEG_CELL):
+    """Instance ids renumbered 1, 2, … in the order a raster-order generator meets them: by the first cell×cell
+    block (row-major) holding a pixel of the instance, ties by its first pixel in reading order. (H, W) -> (H, W).
+    The AMG segmentation targets are coloured this way, so when generation reaches a new object its colour is
+    "the next unused one"; with nearest-first ids the far objects, met first, needed the total count in advance."""
+    seg = np.asarray(seg, np.int64)
+    H, W = seg.shape
+    v, u = np.nonzero(seg)
+    ids = seg[v, u]
+    key = ((v // cell) * ((W + cell - 1) // cell) + u // cell) * (H * W) + v * W + u  # (cell index, pixel index)
+    first = np.full(seg.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first, ids, key)
+    present = np.flatnonzero(first < np.iinfo(np.int64).max)
+    lut = np.zeros(seg.max() + 1, np.int64)
+    lut[present[np.argsort(first[present])]] = np.arange(1, len(present) + 1)
+    return lut[seg]
+
+
 def rgb_to_seg(rgb, max_id=None):
     """Snap every pixel to the nearest palette colour, so a slightly wrong map still decodes. max_id limits the
     candidates to background + ids 1..max_id (this world's maps: max_id=MAX_OBJECTS); None = the whole palette."""
@@ -393,7 +418,7 @@ def scene_image(scene, modality):
     if modality == "depth":
         return depth_to_rgb(scene.depth)
     if modality == "segmentation":
-        return seg_to_rgb(scene.seg)
+        return seg_to_rgb(reading_order(scene.seg))  # colours in generation order (see reading_order)
     return scene.rgb
 
 

@@ -420,3 +420,17 @@ def test_load_folder_errors(tmp_path, case, message):
         (tmp_path / "qa.jsonl").write_text('{"question": "q"}\n')
     with pytest.raises(data.DataError, match=re.escape(message)):
         data.load_folder(tmp_path)
+
+
+def test_reading_order_numbering():
+    """Instances are renumbered by their first 8×8 cell in raster order, ties by first pixel (hand-made map), the
+    numbering ignores the input ids (any permutation gives the same map), and it is idempotent."""
+    seg = np.zeros((16, 16), int)
+    seg[10:12, 1:3], seg[2:4, 12:14], seg[0, 9] = 1, 2, 3  # cells: id 1 → (1, 0); ids 2 and 3 → (0, 1)
+    r = data.reading_order(seg)
+    assert (r[10, 1], r[2, 12], r[0, 9]) == (3, 2, 1)  # id 3's first pixel (0, 9) precedes id 2's (2, 12)
+    assert ((r > 0) == (seg > 0)).all()
+    for s in (data.make_scene(data.scene_seed("val", k)).seg for k in range(5)):
+        perm = np.concatenate([[0], np.random.default_rng(0).permutation(s.max()) + 1])
+        assert (data.reading_order(perm[s]) == data.reading_order(s)).all()
+        assert (data.reading_order(data.reading_order(s)) == data.reading_order(s)).all()
