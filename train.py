@@ -3,6 +3,7 @@
     python train.py --stage 1                                  # tiny preset on a laptop CPU: VQ tokenizer, then AMG + VQA
     python train.py --stage 1 --resume                         # continue a stopped run exactly where it stopped
     python train.py --stage 1 --amg-share 0 --out runs/control --tokenizer-from runs/tiny   # the control (no AMG)
+    python train.py --stage 1 --preset small --steps 3000     # one GPU: bf16 autocast, SDPA (5 min on an H200)
     torchrun --nproc_per_node 8 train.py --stage 1 --preset base              # same script, DDP on 8 GPUs
     torchrun --nproc_per_node 8 train.py --stage 1 --preset bagel-7b --fsdp   # sharded parameters (FSDP)
 
