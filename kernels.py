@@ -15,6 +15,7 @@ kv head h // (nh/nkv)). Causal masking is aligned bottom-right, so with a KV cac
 keys 0 … r + (Tk − Tq). `key_padding_mask` (B, Tk) bool, True = key may be attended (left-padded batches).
 A query row that can see no key at all (all its keys padded, or Tq > Tk under causal) outputs zeros and
 gets zero gradient, in all three paths. Any length, float32 / float64 / bfloat16 (bf16 accumulates in fp32).
+The fused path runs with autocast off inside (bf16 autocast would re-cast its fp32 tiles), forward and backward.
 
 Deviations from the FA-2 paper and why.
   * There is no on-chip SRAM to manage from Python: a "tile" is a batch of matrices handed to one bmm. On a
