@@ -46,8 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cooper
-import kernels
 import data
+import kernels
 from model import PRESETS, UnifiedTransformer, VQTokenizer
 
 
