@@ -383,15 +383,11 @@ def reading_order(seg, cell=SEG_CELL):
     The AMG segmentation targets are coloured this way, so when generation reaches a new object its colour is
     "the next unused one"; with nearest-first ids the far objects, met first, needed the total count in advance."""
     seg = np.asarray(seg, np.int64)
-    H, W = seg.shape
-    v, u = np.nonzero(seg)
-    ids = seg[v, u]
-    key = ((v // cell) * ((W + cell - 1) // cell) + u // cell) * (H * W) + v * W + u  # (cell index, pixel index)
-    first = np.full(seg.max() + 1, np.iinfo(np.int64).max)
-    np.minimum.at(first, ids, key)
-    present = np.flatnonzero(first < np.iinfo(np.int64).max)
+    v, u = np.nonzero(seg)                                          # object pixels, in reading order
+    order = np.argsort((v // cell) * -(-seg.shape[1] // cell) + u // cell, kind="stable")  # by cell, ties kept
+    ids, first = np.unique(seg[v, u][order], return_index=True)     # each id's first place in that order
     lut = np.zeros(seg.max() + 1, np.int64)
-    lut[present[np.argsort(first[present])]] = np.arange(1, len(present) + 1)
+    lut[ids[np.argsort(first)]] = np.arange(1, len(ids) + 1)
     return lut[seg]
 
 

@@ -542,8 +542,8 @@ def bench(device="cpu"):
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
     # the matmul rate is measured again right before each row: on a shared CPU the load changes by the minute
     peak = lambda: 2 * n ** 3 / _median_time(lambda: a @ b, 15, sync)
-    threads = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
-    print(f"training step fwd+bwd, {threads}; FLOP share vs a {n}³ {a.dtype} matmul (median)")
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    print(f"training step fwd+bwd, {where}; FLOP share vs a {n}³ {a.dtype} matmul (median)")
     print(f"{'preset':8s} {'attn':6s} {'B×T':>8s} {'tok/s':>8s} {'GFLOP/s':>8s} {'matmul GFLOP/s':>15s} {'share':>6s}")
     shapes = [("tiny", (8, 160)), ("small", (4, 256))] + ([("small", (32, 512)), ("base", (16, 1024))] if cuda else [])
     for name, (B, T) in shapes:

@@ -1,13 +1,17 @@
 """Tests of cooper.py: evaluation metrics against hand-computed values, and the user API / command line on a
 miniature run. Run: python -m pytest tests/test_cooper.py"""
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import cooper
 import data
+import train
+from model import PRESETS, UnifiedTransformer, VQTokenizer
 
 
 def test_scale_shift_alignment_recovers_affine_depth():
@@ -94,10 +98,6 @@ def test_ask_command_writes_maps(tiny_run, tmp_path, capsys):
 def test_evaluate_uses_the_models_image_size(tiny_run):
     """A preset with another image size (base: 128×128) is evaluated on scenes rendered at its size, and its training
     pool is rendered at that size too (a 64×64 world under a 128×128 model once crashed the evaluation)."""
-    from dataclasses import replace
-    import torch
-    import train
-    from model import PRESETS, UnifiedTransformer, VQTokenizer
     assert train.ScenePool(2, size=32).images("depth").shape == (4, 32, 32, 3)
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     torch.manual_seed(0)
