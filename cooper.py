@@ -149,8 +149,13 @@ class Cooper:
                 raise RunError(f"cannot read {os.path.join(run_dir, name)} ({type(e).__name__}: {e}); retrain or restore it")
         mcfg = ModelConfig(**states[ckpt]["model_config"])
         vq, model = VQTokenizer(mcfg), UnifiedTransformer(mcfg)
-        vq.load_state_dict(states["vq.pt"]["model"])
-        model.load_state_dict(states[ckpt]["model"])
+        for module, name in ((vq, "vq.pt"), (model, ckpt)):
+            try:
+                module.load_state_dict(states[name]["model"])
+            except RuntimeError as e:  # written by another version of model.py
+                why = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
+                raise RunError(f"{os.path.join(run_dir, name)} does not fit this version of model.py ({why}); "
+                               f"retrain with: python train.py --stage 1 --out {run_dir}_new")
         return cls(model.to(device), vq.to(device), tok, device)
 
     # -- images <-> codes ------------------------------------------------------------------------------------------

@@ -270,6 +270,16 @@ def load_checkpoint(path):
                  f"Delete it to start that phase again, or point --out at another run.")
 
 
+def load_weights(module, weights, path):
+    """load_state_dict with a one-line error for weights written by another version of model.py."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        why = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        sys.exit(f"error: {path} does not fit this version of model.py ({why[:200]}). "
+                 f"Start a new run with another --out.")
+
+
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -345,7 +355,7 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
     if os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path)
         check_same_config(ck, cfg, module.cfg, ckpt_path)
-        set_full_state(module, opt, ck["model"], ck["optimizer"], sharded(module, cfg)); set_rng_state(ck["rng"])
+        set_full_state(module, opt, ck["model"], ck["optimizer"], sharded(module, cfg), ckpt_path); set_rng_state(ck["rng"])
         start = ck["step"]
         print0(f"{name}: resumed from {ckpt_path} at step {start}")
     log = MetricsLog(os.path.join(run, "metrics.jsonl"), name, start)
@@ -402,10 +412,10 @@ def full_state(module, opt, is_sharded):
     return get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def set_full_state(module, opt, weights, opt_state, is_sharded):
+def set_full_state(module, opt, weights, opt_state, is_sharded, path):
     """Load a checkpoint's unsharded state; under FSDP each rank keeps its own shard of it."""
     if not is_sharded:
-        module.load_state_dict(weights); opt.load_state_dict(opt_state)
+        load_weights(module, weights, path); opt.load_state_dict(opt_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(module, opt, model_state_dict=weights, optim_state_dict=opt_state,
@@ -582,7 +592,8 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
                      None if sharded(model, cfg) else on_eval)
     if sharded(model, cfg) and DDP_RANK == 0:
         model = UnifiedTransformer(mcfg).to(device)
-        model.load_state_dict(load_checkpoint(os.path.join(run, "stage1.pt"))["model"])
+        path = os.path.join(run, "stage1.pt")
+        load_weights(model, load_checkpoint(path)["model"], path)
     return model, done
 
 
@@ -647,7 +658,7 @@ def stage1(cfg):
     vq_ck = load_checkpoint(vq_path) if os.path.exists(vq_path) else None
     if vq_ck is not None and vq_ck["step"] >= cfg.vq_steps:  # a finished VQ tokenizer: reuse it
         vq = VQTokenizer(mcfg).to(device)
-        vq.load_state_dict(vq_ck["model"])
+        load_weights(vq, vq_ck["model"], vq_path)
         print0(f"VQ tokenizer: using {vq_path}")
     else:
         vq, done = train_vq(cfg, mcfg, run, pool, device)

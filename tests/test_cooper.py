@@ -1,6 +1,7 @@
 """Tests of cooper.py: evaluation metrics against hand-computed values, and the user API / command line on a
 miniature run. Run: python -m pytest tests/test_cooper.py"""
 import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -79,6 +80,13 @@ def test_cooper_errors(tmp_path, tiny_run):
     (partial / "tokenizer.json").write_bytes(open(os.path.join(tiny_run, "tokenizer.json"), "rb").read())
     with pytest.raises(cooper.RunError, match="--resume"):
         cooper.Cooper.load(str(partial))
+    stale = tmp_path / "stale"  # weights written by another version of model.py: a parameter renamed
+    shutil.copytree(tiny_run, stale)
+    ck = torch.load(stale / "stage1.pt", weights_only=False)
+    ck["model"]["renamed"] = ck["model"].pop("pos2d")
+    torch.save(ck, stale / "stage1.pt")
+    with pytest.raises(cooper.RunError, match="does not fit this version of model.py"):
+        cooper.Cooper.load(str(stale))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(cooper.RunError, match="cannot read image"):
         cooper.load_image(str(tmp_path / "bad.png"), 64)

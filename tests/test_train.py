@@ -102,6 +102,12 @@ def test_errors_say_what_to_do(tiny_run, tmp_path):
     (bad / "vq.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):  # corrupt checkpoint
         train.main(["--stage", "1", "--out", str(bad), "--resume"] + FAST)
+    (bad / "vq.pt").write_bytes(open(os.path.join(tiny_run, "vq.pt"), "rb").read())
+    ck = torch.load(bad / "vq.pt", weights_only=False)
+    ck["model"] = {"x" + k: v for k, v in ck["model"].items()}  # written by another version of model.py
+    torch.save(ck, bad / "vq.pt")
+    with pytest.raises(SystemExit, match="does not fit this version of model.py"):
+        train.main(["--stage", "1", "--out", str(bad), "--resume"] + FAST)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot write to run folder"):  # unwritable folder
