@@ -2,6 +2,8 @@
 miniature run. Run: python -m pytest tests/test_cooper.py"""
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -113,3 +115,15 @@ def test_evaluate_uses_the_models_image_size(tiny_run):
     m, samples = cooper.evaluate(cooper.Cooper(UnifiedTransformer(cfg), VQTokenizer(cfg), tok), n=2, vqa=False)
     assert samples["rgb"].shape == (2, 32, 32, 3) and samples["gen_depth"].shape == samples["gen_seg"].shape == (2, 32, 32)
     assert 0 <= m["seg/pixel_acc"] <= 1
+
+
+def test_vqa_probe_script(tiny_run, tmp_path):
+    """docs/vqa_probe.py (the README's VQA diagnosis) runs on a finished run and prints its three measurements; a
+    folder that is not a run gives a one-line error."""
+    probe = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "vqa_probe.py")]
+    r = subprocess.run(probe + ["--run", tiny_run, "--scenes", "16", "--steps", "2", "--every", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("held-out acc") == 3 and "linear" in r.stdout and "MLP" in r.stdout
+    r = subprocess.run(probe + ["--run", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "not a finished stage-1 run" in r.stderr
