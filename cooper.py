@@ -122,6 +122,16 @@ class RunError(RuntimeError):
 MODEL_CHECKPOINTS = ("grpo.pt", "sft.pt", "stage1.pt")  # the most trained one present is loaded
 
 
+def load_weights(module, state, path):
+    """module.load_state_dict(state); weights written by another version of model.py give a one-line RunError."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        why = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]  # the line naming the missing / unexpected keys
+        raise RunError(f"{path} does not fit this version of model.py ({why}); "
+                       f"train a new run: python train.py --stage 1 --out NEW_FOLDER") from None
+
+
 class Cooper:
     """A trained run: text tokenizer + VQ image tokenizer + unified transformer, on one device."""
 
@@ -150,12 +160,7 @@ class Cooper:
         mcfg = ModelConfig(**states[ckpt]["model_config"])
         vq, model = VQTokenizer(mcfg), UnifiedTransformer(mcfg)
         for module, name in ((vq, "vq.pt"), (model, ckpt)):
-            try:
-                module.load_state_dict(states[name]["model"])
-            except RuntimeError as e:  # written by another version of model.py
-                why = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
-                raise RunError(f"{os.path.join(run_dir, name)} does not fit this version of model.py ({why}); "
-                               f"retrain with: python train.py --stage 1 --out {run_dir}_new")
+            load_weights(module, states[name]["model"], os.path.join(run_dir, name))
         return cls(model.to(device), vq.to(device), tok, device)
 
     # -- images <-> codes ------------------------------------------------------------------------------------------

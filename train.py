@@ -270,16 +270,6 @@ def load_checkpoint(path):
                  f"Delete it to start that phase again, or point --out at another run.")
 
 
-def load_weights(module, weights, path):
-    """load_state_dict with a one-line error for weights written by another version of model.py."""
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as e:
-        why = (str(e).splitlines()[1:] or [str(e)])[0].strip()
-        sys.exit(f"error: {path} does not fit this version of model.py ({why[:200]}). "
-                 f"Start a new run with another --out.")
-
-
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
@@ -415,7 +405,7 @@ def full_state(module, opt, is_sharded):
 def set_full_state(module, opt, weights, opt_state, is_sharded, path):
     """Load a checkpoint's unsharded state; under FSDP each rank keeps its own shard of it."""
     if not is_sharded:
-        load_weights(module, weights, path); opt.load_state_dict(opt_state)
+        cooper.load_weights(module, weights, path); opt.load_state_dict(opt_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(module, opt, model_state_dict=weights, optim_state_dict=opt_state,
@@ -593,7 +583,7 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
     if sharded(model, cfg) and DDP_RANK == 0:
         model = UnifiedTransformer(mcfg).to(device)
         path = os.path.join(run, "stage1.pt")
-        load_weights(model, load_checkpoint(path)["model"], path)
+        cooper.load_weights(model, load_checkpoint(path)["model"], path)
     return model, done
 
 
@@ -658,7 +648,7 @@ def stage1(cfg):
     vq_ck = load_checkpoint(vq_path) if os.path.exists(vq_path) else None
     if vq_ck is not None and vq_ck["step"] >= cfg.vq_steps:  # a finished VQ tokenizer: reuse it
         vq = VQTokenizer(mcfg).to(device)
-        load_weights(vq, vq_ck["model"], vq_path)
+        cooper.load_weights(vq, vq_ck["model"], vq_path)
         print0(f"VQ tokenizer: using {vq_path}")
     else:
         vq, done = train_vq(cfg, mcfg, run, pool, device)
@@ -712,6 +702,8 @@ def main(argv=None):
         else:
             sys.exit("error: --stage 2 (SFT then GRPO) has no training loop yet; its objective is train.grpo_loss and "
                      "its reward is reward.cpr_rewards. Run --stage 1.")
+    except cooper.RunError as e:  # e.g. a checkpoint written by another version of model.py
+        sys.exit(f"error: {e}")
     finally:
         if DDP_WORLD > 1 and dist.is_initialized():
             dist.destroy_process_group()

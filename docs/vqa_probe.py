@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cooper  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
-from model import ModelConfig, UnifiedTransformer, VQTokenizer  # noqa: E402
+from model import UnifiedTransformer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--run", default="runs/tiny", help="a finished stage-1 run (its tokenizers are reused)")
@@ -31,15 +31,11 @@ p.add_argument("--steps", type=int, default=1500)
 p.add_argument("--every", type=int, default=250)
 p.add_argument("--lr", type=float, default=1e-3)
 args = p.parse_args()
-torch.manual_seed(0)
-if not all(os.path.exists(os.path.join(args.run, f)) for f in ("stage1.pt", "vq.pt", "tokenizer.json")):
-    sys.exit(f"error: {args.run} is not a finished stage-1 run; make one with: python train.py --stage 1 --out {args.run}")
-ck = torch.load(os.path.join(args.run, "stage1.pt"), map_location="cpu", weights_only=False)
-cfg = ModelConfig(**ck["model_config"])  # the run's sizes; only its two tokenizers are reused
-vq = VQTokenizer(cfg)
-vq.load_state_dict(torch.load(os.path.join(args.run, "vq.pt"), map_location="cpu", weights_only=False)["model"])
-C = cooper.Cooper(UnifiedTransformer(cfg), vq, data.load_tokenizer(os.path.join(args.run, "tokenizer.json")))
-tok = C.tok
+try:
+    C = cooper.Cooper.load(args.run)  # only its tokenizers (text and VQ) and sizes are used
+except cooper.RunError as e:
+    sys.exit(f"error: {e}")
+tok, cfg = C.tok, C.cfg
 YES, NO = tok.encode("yes").ids[0], tok.encode("no").ids[0]
 
 
@@ -77,6 +73,7 @@ def accuracy(model, rows):
 
 tr, bag_tr, col_tr = build("train", args.scenes, 0)
 va, bag_va, col_va = build("val", 512, 1)
+torch.manual_seed(0)
 model = UnifiedTransformer(cfg)  # a fresh transformer of the run's size
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 rng, t0 = np.random.default_rng(0), time.time()

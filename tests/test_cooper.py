@@ -126,4 +126,4 @@ def test_vqa_probe_script(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("held-out acc") == 3 and "linear" in r.stdout and "MLP" in r.stdout
     r = subprocess.run(probe + ["--run", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "not a finished stage-1 run" in r.stderr
+    assert r.returncode == 1 and "has no" in r.stderr and "python train.py" in r.stderr
