@@ -181,8 +181,14 @@ class Cooper:
                                       {k: v.cpu().numpy() for k, v in images.items()})
         return ids
 
-    def _generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, force=None, seed=0):
-        """Left-pad a list of prompt id lists into one batch and generate; returns the new tokens per prompt."""
+    def pixels(self, images):
+        """uint8 (N, H, W, 3) → the understanding path's input (N, 3, H, W) in [-1, 1], or None without one."""
+        return to_unit(np.asarray(images)).to(self.device) if self.cfg.patch_embed else None
+
+    def _generate(self, prompts, max_new_tokens, temperature=0.0, seed=0, pixels=None, **kw):
+        """Left-pad a list of prompt id lists into one batch and generate (kw: force / ban / turn_cap / top_k, see
+        model.UnifiedTransformer.generate). pixels: each prompt's input image for the understanding path. Returns
+        generate's dict, on the CPU, with "T0" the padded prompt width: tokens[:, T0:] are the new ones."""
         T0 = max(len(p) for p in prompts)
         idx = torch.full((len(prompts), T0), data.PAD_ID, dtype=torch.long)
         pad = torch.zeros(len(prompts), T0, dtype=torch.bool)
@@ -190,10 +196,10 @@ class Cooper:
             idx[b, T0 - len(p):] = torch.tensor(p)
             pad[b, T0 - len(p):] = True
         g = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.model.generate(idx.to(self.device), max_new_tokens, temperature=temperature, top_k=top_k,
+        out = self.model.generate(idx.to(self.device), max_new_tokens, temperature=temperature,
                                   vision_start=data.VISION_START, vision_end=data.VISION_END, stop_id=data.IM_END,
-                                  key_padding_mask=pad.to(self.device), force=force, generator=g)
-        return out["tokens"][:, T0:].cpu()  # (B, N)
+                                  key_padding_mask=pad.to(self.device), generator=g, pixels=pixels, **kw)
+        return {**{k: v.cpu() for k, v in out.items()}, "T0": T0}
 
     # -- auxiliary modality generation -----------------------------------------------------------------------------
 
@@ -210,8 +216,9 @@ class Cooper:
             ids = self._prompt_ids(data.amg_segments(kind), {"rgb": c, kind: torch.zeros_like(c)})
             cut = len(ids) - 1 - ids[::-1].index(data.VISION_START)
             prompts.append(ids[: cut + 1])
-        new = self._generate(prompts, n_img + 1, temperature=temperature, seed=seed)  # h·w codes + <|vision_end|>
-        gen = new[:, :n_img] - self.cfg.image_offset  # (N, h·w) code indices
+        out = self._generate(prompts, n_img + 1, temperature=temperature, seed=seed,
+                             pixels=self.pixels(images))  # h·w codes + <|vision_end|>
+        gen = out["tokens"][:, out["T0"]:out["T0"] + n_img] - self.cfg.image_offset  # (N, h·w) code indices
         gen = gen.clamp(0, self.cfg.codebook_size - 1).view(-1, self.cfg.grid, self.cfg.grid)  # (N, h, w)
         rgb = self.decode_codes(gen)
         maps = data.rgb_to_depth(rgb) if kind == "depth" else data.rgb_to_seg(rgb, max_id=self.seg_ids)
@@ -222,29 +229,83 @@ class Cooper:
         maps, _ = self.generate_maps(np.asarray(image)[None], kind, temperature, seed)
         return maps[0]
 
-    # -- answering -------------------------------------------------------------------------------------------------
+    # -- answering: the interleaved runtime (PAPER.md "Text format"; DESIGN.md "Stage 2") --------------------------
+
+    def prompts(self, codes, questions, mode):
+        """Prompt ids of each (codes (h, w), question) for an answering mode (see `rollout`), and how many of their last
+        ids the runtime wrote for the model (the mode's prefill: part of the response, not of the question)."""
+        prefill = {"direct": [data.ANSWER]}                                # the answer at once, no thinking
+        for kind in ("depth", "segmentation"):                             # the map first, always (the paper's "PE")
+            prefill[kind] = self.tok.encode(f"<think>{data.PLANS[kind][0]}</think>{data.TOOL_PROMPTS[kind]}").ids
+            prefill[kind] += [data.VISION_START]
+        extra = prefill.get(mode, [])
+        ids = [self._prompt_ids(data.prompt_segments(q), {"rgb": c}) + extra for c, q in zip(codes, questions)]
+        return ids, len(extra)
+
+    def runtime(self, mode, turn_cap=64):
+        """generate() keywords of the tool-switch runtime. After a closing tool tag <|vision_start|> is forced (the
+        model then draws exactly h×w codes, and <|vision_end|> follows); after a generated map the reflection prompt is
+        forced; once MAX_TURNS - 1 maps are drawn the tool tags are masked, so the last turn answers; a turn longer than
+        turn_cap tokens ends the rollout (its format reward is then 0). Modes "text" and "direct" mask the tool tags
+        throughout; <|vision_start|> is never sampled (only forced)."""
+        # exercise 10 begin: the tool-switching runtime
+        force = {data.DEPTH_TAG_END: [data.VISION_START], data.SEG_TAG_END: [data.VISION_START],
+                 data.VISION_END: self.tok.encode(data.REFLECTION_PROMPT).ids}
+        last = 0 if mode in ("text", "direct") else reward.MAX_TURNS - 1  # maps a rollout may draw
+        ban = {t: last for t in (data.DEPTH_TAG, data.DEPTH_TAG_END, data.SEG_TAG, data.SEG_TAG_END)}
+        ban[data.VISION_START] = 0  # <|vision_start|> is only ever forced
+        return dict(force=force, ban=ban, turn_cap=turn_cap)
+        # exercise 10 end
+
+    def max_tokens(self, turn_cap=64):
+        """Longest possible rollout: MAX_TURNS turns of turn_cap tokens, and a map + reflection between turns."""
+        between = self.cfg.image_tokens + 2 + len(self.tok.encode(data.REFLECTION_PROMPT).ids)
+        return reward.MAX_TURNS * turn_cap + (reward.MAX_TURNS - 1) * between
 
     @torch.no_grad()
-    def answer_batch(self, images, questions, mode="direct", temperature=0.0, max_new_tokens=48, seed=0):
-        """Answer question strings about uint8 images (N, H, W, 3). Returns one dict per question:
-        text (what the model wrote), answer (the extracted final answer or None)."""
-        if mode != "direct":
-            raise ValueError(f"mode {mode!r}: this run answers in 'direct' mode")
-        codes = self.encode_images(images)
-        prompts = []
-        for c, q in zip(codes, questions):
-            prompts.append(self._prompt_ids(data.prompt_segments(q), {"rgb": c}))  # ends with the answer turn's <|im_start|>
-        new = self._generate(prompts, max_new_tokens, temperature=temperature, seed=seed)
-        out = []
-        for row in new.tolist():
-            row = row[: row.index(data.IM_END)] if data.IM_END in row else row
-            text = self.tok.decode([t for t in row if t < self.cfg.image_offset], skip_special_tokens=False)
-            out.append({"text": text, "answer": reward.extract_answer(text)})
-        return out
+    def rollout(self, images, questions, mode="interleaved", temperature=0.0, seed=0, turn_cap=64):
+        """Run the tool-switch runtime on uint8 images (N, H, W, 3) and question strings, all in one batched, KV-cached
+        generation. Modes: "interleaved" (the model decides when to draw a map), "direct" (answer at once), "text"
+        (tool tags masked out), "depth" / "segmentation" (that map is always drawn first: the paper's "PE" row).
+        Returns (results, raw): one dict per question (see `answer_batch`) and generate's dict with "T0" (for GRPO)."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+        prompts, n_prefill = self.prompts(self.encode_images(images), questions, mode)
+        raw = self._generate(prompts, self.max_tokens(turn_cap), temperature=temperature, seed=seed,
+                             pixels=self.pixels(images), **self.runtime(mode, turn_cap))
+        start = raw["T0"] - n_prefill  # the response: the prefill, then everything generated after it
+        results = [self.read_rollout(raw["tokens"][b, start:][raw["mask"][b, start:]].tolist())
+                   for b in range(len(prompts))]
+        return results, raw
+
+    def read_rollout(self, ids):
+        """What a rollout says: the model's text (image codes left out, so each map reads <|vision_start|><|vision_end|>),
+        its turns, the maps it drew [(kind, map)] and its final answer."""
+        text = self.tok.decode([t for t in ids if t < self.cfg.image_offset], skip_special_tokens=False)
+        text = text.replace("<|pad|>", "")
+        maps, i = [], 0
+        while data.VISION_START in ids[i:]:
+            s = ids.index(data.VISION_START, i)
+            block = [t - self.cfg.image_offset for t in ids[s + 1:s + 1 + self.cfg.image_tokens]]
+            if len(block) == self.cfg.image_tokens and all(t >= 0 for t in block):
+                kind = "depth" if data.DEPTH_TAG_END in ids[max(0, s - 1):s] else "segmentation"
+                rgb = self.decode_codes(torch.tensor(block).view(1, self.cfg.grid, self.cfg.grid))[0]
+                maps.append((kind, data.rgb_to_depth(rgb) if kind == "depth" else data.rgb_to_seg(rgb, self.seg_ids)))
+            i = s + 1
+        return {"text": text, "turns": reward.parse_turns(text), "maps": maps, "answer": reward.extract_answer(text)}
+
+    def answer_batch(self, images, questions, mode="direct", temperature=0.0, seed=0):
+        """Answer question strings about uint8 images (N, H, W, 3). Returns one dict per question: text (the whole
+        trajectory the model wrote, maps as <|vision_start|><|vision_end|>), turns (the text of each model turn), maps
+        (list of (kind, decoded map)), answer (the extracted final answer or None)."""
+        return self.rollout(images, questions, mode, temperature, seed)[0]
 
     def answer(self, image, question, mode="direct", **kw):
-        """Answer one question about one uint8 image (H, W, 3); returns {text, answer}."""
+        """Answer one question about one uint8 image (H, W, 3); see `answer_batch`."""
         return self.answer_batch(np.asarray(image)[None], [question], mode, **kw)[0]
+
+
+MODES = ("interleaved", "direct", "text", "depth", "segmentation")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,9 +313,10 @@ class Cooper:
 
 
 @torch.no_grad()
-def evaluate(cooper, n=64, split="val", seed=0, batch=32, vqa=True):
-    """Evaluate the VQ tokenizer, the generated maps, the maps' usefulness for answering, and direct-answer VQA on the
-    first n scenes of `split`. Returns (metrics: flat dict of floats, samples: dict of uint8 image stacks)."""
+def evaluate(cooper, n=64, split="val", seed=0, batch=32, n_vqa=256):
+    """Evaluate the VQ tokenizer, the generated maps and the maps' usefulness for answering on the first n scenes of
+    `split`, and direct-answer VQA (`evaluate_vqa`) on the first n_vqa (0 = skip). Returns (metrics: flat dict of
+    floats, samples: dict of uint8 image stacks)."""
     scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
     rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
     depth = np.stack([s.depth for s in scenes])  # (n, H, W) metres
@@ -301,20 +363,212 @@ def evaluate(cooper, n=64, split="val", seed=0, batch=32, vqa=True):
         cnt_hits.append(count_instances(gen_s[k]) == len(s.objects))
     m["use/rel_distance_from_depth"] = float(np.mean(rel_hits)) if rel_hits else float("nan")
     m["use/count_from_seg"] = float(np.mean(cnt_hits))
-    # 4. direct-answer VQA per category (rule-based verifier; numbers scored by MRA)
-    if vqa:
-        items = [(k, q) for k, qs in enumerate(questions) for q in qs]
+    # 4. direct-answer VQA per category, with chance and blind baselines
+    if n_vqa:
+        m.update(evaluate_vqa(cooper, n=n_vqa, split=split, seed=seed))
+    samples = {"rgb": rgb, "depth": depth, "gen_depth": gen_d, "seg": seg, "gen_seg": gen_s}
+    return {k: float(v) for k, v in m.items()}, samples
+
+
+@torch.no_grad()
+def evaluate_vqa(cooper, n=256, split="val", seed=0, batch=256):
+    """Direct-answer VQA and grounding on the first n scenes of `split`, every question of every scene. Per category:
+    vqa/C the mean score (rule-based verifier; numbers by MRA), vqa_se/C its standard error, vqa_chance/C the wording
+    prior's score on the same questions (data.prior_answer: the best answer given the question's wording alone) and
+    vqa_blind/C the model's score when each question is asked about the next scene's image instead. vqa/mean and
+    vqa_{chance,blind}/mean average the benchmark categories (data.CATEGORIES), not the grounding tasks."""
+    scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
+    rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
+    rng = np.random.default_rng(seed)
+    items = [(k, q) for k, s in enumerate(scenes) for q in data.make_questions(s, rng) + data.grounding_questions(s, rng)]
+    m = {}
+    for tag, shift in (("vqa", 0), ("vqa_blind", 1)):  # blind: the same question about another scene's image
         scores = {}
         for i in range(0, len(items), batch):
             chunk = items[i:i + batch]
-            outs = cooper.answer_batch(rgb[[k for k, _ in chunk]], [q.text for _, q in chunk])
+            outs = cooper.answer_batch(rgb[[(k + shift) % n for k, _ in chunk]], [q.text for _, q in chunk])
             for (_, q), o in zip(chunk, outs):
                 scores.setdefault(q.category, []).append(reward.answer_reward(o["text"], q.answer, q.kind))
-        for cat, v in sorted(scores.items()):
-            m[f"vqa/{cat}"] = float(np.mean(v))
-        m["vqa/mean"] = float(np.mean([np.mean(v) for v in scores.values()]))
-    samples = {"rgb": rgb, "depth": depth, "gen_depth": gen_d, "seg": seg, "gen_seg": gen_s}
-    return {k: float(v) for k, v in m.items()}, samples
+        for cat, v in scores.items():
+            m[f"{tag}/{cat}"] = float(np.mean(v))
+            if tag == "vqa":
+                m[f"vqa_se/{cat}"] = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+                m[f"vqa_n/{cat}"] = len(v)
+    for _, q in items:
+        m.setdefault(f"vqa_chance/{q.category}", []).append(data.answer_score(data.prior_answer(q), q))
+    m.update({k: float(np.mean(v)) for k, v in m.items() if k.startswith("vqa_chance/")})
+    for tag in ("vqa", "vqa_blind", "vqa_chance"):
+        m[f"{tag}/mean"] = float(np.mean([m[f"{tag}/{c}"] for c in data.CATEGORIES if f"{tag}/{c}" in m]))
+    return m
+
+
+PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]
+
+
+def _ticks(lo, hi, n=5, log=False):
+    """About n round tick values covering [lo, hi] (powers of ten and their 2× / 5× on a log axis)."""
+    if log:
+        for ms in ((1,), (1, 2, 5), tuple(range(1, 10))):  # the sparsest set of mantissas that gives 3 ticks or more
+            vals = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in ms]
+            vals = [v for v in vals if lo <= v <= hi]
+            if len(vals) >= 3:
+                break
+        return vals
+    step = 10 ** math.floor(math.log10(max(hi - lo, 1e-12) / n))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def line_chart(series, title="", xlabel="step", ylabel="", log_y=False, dashed=None, size=(560, 340)):
+    """A line chart drawn with Pillow: axes with tick values, axis labels and a legend.
+    series: {name: [(x, y), ...]}; dashed: {name: [(x, y), ...]} drawn dashed in the same colour as the series of that
+    name (chance levels, baselines) or grey. Returns a PIL image."""
+    dashed = dashed or {}
+    pts = [p for v in list(series.values()) + list(dashed.values()) for p in v if not log_y or p[1] > 0]
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 58, 24, W - 150, H - 40  # plot area; the legend sits to the right of it
+    d.text((x0, 6), title, fill="black")
+    if not pts:
+        return img
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    f = math.log10 if log_y else (lambda v: v)
+    ylo, yhi = f(min(ys)), f(max(ys))
+    ylo, yhi = (ylo - 0.05 * (yhi - ylo), yhi + 0.05 * (yhi - ylo)) if yhi > ylo else (ylo - 1, yhi + 1)
+    X = lambda x: x0 + (x1 - x0) * (x - xlo) / (xhi - xlo)
+    Y = lambda y: y1 - (y1 - y0) * (f(y) - ylo) / (yhi - ylo)
+    for t in _ticks(xlo, xhi):
+        d.line([(X(t), y1), (X(t), y1 + 4)], fill="black")
+        d.text((X(t) - 3 * len(f"{t:g}"), y1 + 6), f"{t:g}", fill="black")
+    for t in _ticks(10 ** ylo if log_y else ylo, 10 ** yhi if log_y else yhi, log=log_y):
+        d.line([(x0 - 4, Y(t)), (x1, Y(t))], fill=(225, 225, 225))
+        d.text((x0 - 8 - 6 * len(f"{t:.3g}"), Y(t) - 6), f"{t:.3g}", fill="black")
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    d.text(((x0 + x1) // 2 - 3 * len(xlabel), H - 16), xlabel, fill="black")
+    d.text((4, y0 - 16), ylabel + (" (log)" if log_y else ""), fill="black")
+    names = list(series)
+    for name, v in dashed.items():
+        c = PLOT_COLOURS[names.index(name) % len(PLOT_COLOURS)] if name in names else (150, 150, 150)
+        v = [p for p in v if not log_y or p[1] > 0]
+        for (xa, ya), (xb, yb) in zip(v, v[1:]):
+            for k in range(0, 10, 2):  # dashes: every other tenth of the segment
+                d.line([(X(xa + (xb - xa) * k / 10), Y(ya + (yb - ya) * k / 10)),
+                        (X(xa + (xb - xa) * (k + 1) / 10), Y(ya + (yb - ya) * (k + 1) / 10))], fill=c, width=1)
+    for i, (name, v) in enumerate(series.items()):
+        c = PLOT_COLOURS[i % len(PLOT_COLOURS)]
+        v = [(X(x), Y(y)) for x, y in v if not log_y or y > 0]
+        if len(v) > 1:
+            d.line(v, fill=c, width=2)
+        for p in v:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.line([(x1 + 10, y0 + 6 + 14 * i), (x1 + 28, y0 + 6 + 14 * i)], fill=c, width=2)
+        d.text((x1 + 32, y0 + 14 * i), name, fill="black")
+    if dashed:
+        k = len(series)
+        d.text((x1 + 10, y0 + 14 * k + 4), "- - - chance / baseline", fill=(90, 90, 90))
+    return img
+
+
+def stack_images(images):
+    """Images one above the other on a white page."""
+    W, H = max(i.width for i in images), sum(i.height for i in images)
+    page = Image.new("RGB", (W, H), "white")
+    y = 0
+    for i in images:
+        page.paste(i, (0, y))
+        y += i.height
+    return page
+
+
+def tools_used(turns):
+    """Which tools a rollout called: the set of "depth" / "segmentation" over its turns that end in a tool call."""
+    return {"depth" if t.endswith("</depth-estimation>") else "segmentation" for t in turns[:-1]
+            if t.endswith(("</depth-estimation>", "</segmentation>"))}
+
+
+@torch.no_grad()
+def evaluate_modes(cooper, n=128, split="val", seed=0, modes=MODES, batch=256):
+    """Stage-2 evaluation on every question of the first n scenes of `split`, in each answering mode (greedy): per
+    category {mode}/C the mean score and {mode}_se/C its standard error, {mode}/mean over the benchmark categories and
+    {mode}/format the share of rollouts with r_format = 1; for the interleaved mode the tool-usage table (the paper's
+    Figure 3): tools/C/{depth,segmentation,none} = share of rollouts calling that tool (none: no call), and chance/C."""
+    scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
+    rgb = np.stack([s.rgb for s in scenes])
+    rng = np.random.default_rng(seed)
+    items = [(k, q) for k, s in enumerate(scenes) for q in data.make_questions(s, rng)]
+    m = {f"chance/{c}": float(np.mean([data.answer_score(data.prior_answer(q), q) for _, q in items
+                                       if q.category == c])) for c in data.CATEGORIES}
+    for mode in modes:
+        scores, fmt, tools = {}, [], {}
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            for (_, q), r in zip(chunk, cooper.answer_batch(rgb[[k for k, _ in chunk]], [q.text for _, q in chunk], mode)):
+                scores.setdefault(q.category, []).append(reward.answer_reward(r["text"], q.answer, q.kind))
+                fmt.append(reward.format_reward(r["turns"]))
+                used = tools_used(r["turns"])
+                t = tools.setdefault(q.category, {"depth": 0, "segmentation": 0, "none": 0, "n": 0})
+                t["n"] += 1
+                for k in used or {"none"}:
+                    t[k] += 1
+        for c, v in scores.items():
+            m[f"{mode}/{c}"] = float(np.mean(v))
+            m[f"{mode}_se/{c}"] = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+            m[f"{mode}_n/{c}"] = len(v)
+        m[f"{mode}/mean"] = float(np.mean([m[f"{mode}/{c}"] for c in data.CATEGORIES if f"{mode}/{c}" in m]))
+        m[f"{mode}/format"] = float(np.mean(fmt))
+        if mode == "interleaved":
+            m.update({f"tools/{c}/{k}": t[k] / t["n"] for c, t in tools.items() for k in ("depth", "segmentation", "none")})
+    return m
+
+
+def format_modes(m):
+    """The stage-2 evaluation as text: score ± standard error per category and mode, format rate, tool usage."""
+    modes = [x for x in MODES if f"{x}/mean" in m]
+    lines = [f"{'category':18s}" + "".join(f"{x:>16s}" for x in modes) + f"{'chance':>8s}"]
+    for c in data.CATEGORIES + ["mean", "format"]:
+        cells = [f"{m[f'{x}/{c}']:.3f}" + (f"±{m[f'{x}_se/{c}']:.3f}" if f"{x}_se/{c}" in m else "      ")
+                 if f"{x}/{c}" in m else "" for x in modes]
+        lines.append(f"{c:18s}" + "".join(f"{v:>16s}" for v in cells)
+                     + (f"{m[f'chance/{c}']:8.3f}" if f"chance/{c}" in m else ""))
+    if any(k.startswith("tools/") for k in m):
+        lines.append(f"\ntool use (interleaved)  {'depth':>6s} {'seg':>6s} {'none':>6s}")
+        for c in data.CATEGORIES:
+            if f"tools/{c}/none" in m:
+                lines.append(f"{c:22s} " + " ".join(f"{m[f'tools/{c}/{k}']:6.2f}" for k in ("depth", "segmentation", "none")))
+    return "\n".join(lines)
+
+
+def tool_chart(m, size=(640, 300)):
+    """The tool-usage table as a stacked bar chart (the paper's Figure 3): per category the share of interleaved
+    rollouts that drew a depth map, a segmentation map, or none (a rollout with both counts in both)."""
+    cats = [c for c in data.CATEGORIES if f"tools/{c}/none" in m]
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = 50, 24, W - 110, H - 60
+    d.text((x0, 6), "tool use per category (interleaved rollouts)", fill="black")
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    for t in (0, 0.25, 0.5, 0.75, 1.0):
+        y = y1 - (y1 - y0) * t
+        d.line([(x0 - 4, y), (x0, y)], fill="black")
+        d.text((x0 - 34, y - 6), f"{t:.2f}", fill="black")
+    d.text((4, y0 - 16), "share", fill="black")
+    colours = {"depth": (214, 39, 40), "segmentation": (31, 119, 180), "none": (190, 190, 190)}
+    bw = (x1 - x0) / max(1, len(cats))
+    for i, c in enumerate(cats):
+        base = y1
+        for k, col in colours.items():
+            h = (y1 - y0) * m[f"tools/{c}/{k}"] / max(1.0, sum(m[f"tools/{c}/{j}"] for j in colours))
+            d.rectangle([x0 + i * bw + 4, base - h, x0 + (i + 1) * bw - 4, base], fill=col)
+            base -= h
+        d.text((x0 + i * bw + 2, y1 + 6 + 12 * (i % 2)), c[:12], fill="black")
+    for j, (k, col) in enumerate(colours.items()):
+        d.rectangle([x1 + 10, y0 + 4 + 16 * j, x1 + 22, y0 + 14 + 16 * j], fill=col)
+        d.text((x1 + 26, y0 + 3 + 16 * j), k, fill="black")
+    return img
 
 
 def sample_grid(samples, n=8, scale=2):
@@ -335,12 +589,18 @@ def sample_grid(samples, n=8, scale=2):
     return out
 
 
-def format_table(m, chance=None):
-    """The evaluation as a printed table: one metric a line, VQA rows with the category's chance level."""
+def format_table(m):
+    """The evaluation as printed text: one map / tokenizer metric a line, then the VQA table (score ± standard error,
+    chance = the wording prior on the same questions, blind = the same questions about another scene's image)."""
     lines = [f"{'metric':34s} {'value':>8s}"]
-    for k, v in m.items():
-        extra = f"   (chance {chance(k[4:]):.2f})" if chance and k.startswith("vqa/") and k != "vqa/mean" else ""
-        lines.append(f"{k:34s} {v:8.3f}{extra}")
+    lines += [f"{k:34s} {v:8.3f}" for k, v in m.items() if not k.startswith("vqa")]
+    cats = [c for c in data.CATEGORIES + ["mean"] + data.GROUNDING if f"vqa/{c}" in m]
+    if cats:
+        lines.append(f"\n{'VQA (held out)':20s} {'score':>14s} {'chance':>7s} {'blind':>7s} {'n':>5s}")
+        for c in cats:
+            se = f" ± {m[f'vqa_se/{c}']:.3f}" if f"vqa_se/{c}" in m else " " * 8
+            n = f"{m[f'vqa_n/{c}']:5.0f}" if f"vqa_n/{c}" in m else ""
+            lines.append(f"{c:20s} {m[f'vqa/{c}']:6.3f}{se} {m[f'vqa_chance/{c}']:7.3f} {m[f'vqa_blind/{c}']:7.3f} {n}")
     return "\n".join(lines)
 
 
@@ -375,7 +635,8 @@ def build_parser():
     a.add_argument("--out", default="cooper_out", help="folder for the generated maps (PNG)")
     e = sub.add_parser("eval", help="evaluate a run on held-out scenes and print the table")
     e.add_argument("--run", default="runs/tiny")
-    e.add_argument("--n", type=int, default=64, help="number of held-out scenes")
+    e.add_argument("--n", type=int, default=64, help="held-out scenes for the map metrics")
+    e.add_argument("--n-vqa", type=int, default=256, help="held-out scenes for VQA (every question of each)")
     e.add_argument("--split", default="test", choices=["val", "test"])
     for q in (a, e):
         q.add_argument("--device", default="cpu")
@@ -393,8 +654,8 @@ def main(argv=None):
 def run_command(args):
     c = Cooper.load(args.run, args.device)
     if args.cmd == "eval":
-        m, samples = evaluate(c, args.n, args.split)
-        print(format_table(m, data.chance))
+        m, samples = evaluate(c, args.n, args.split, n_vqa=args.n_vqa)
+        print(format_table(m))
         with open(os.path.join(args.run, f"eval_{args.split}.json"), "w") as f:
             json.dump(m, f, indent=1)
         sample_grid(samples).save(os.path.join(args.run, f"eval_{args.split}.png"))

@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -48,8 +49,10 @@ IMAGE_SIZE = 64
 MAX_DEPTH = 20.0          # metres; sky and far ground read MAX_DEPTH (paper: 65 m Hypersim, 80 m KITTI)
 CAMERA_HEIGHT = 1.6       # metres above the ground
 PITCH = math.radians(15)  # camera looks this much below the horizon
-MAX_OBJECTS = 6           # objects per scene: 2..MAX_OBJECTS
-MIN_PIXELS = 12           # at 64x64; every object must show at least this many pixels (scaled with area)
+MAX_OBJECTS = 6           # objects per scene: 2..MAX_OBJECTS, each of its own colour
+NEAR, FAR = 2.2, 8.0      # metres ahead of the camera (along the ground) where object centres stand
+MIN_PIXELS = 64           # at 64x64 (scaled with area): every object shows at least one 8x8 code cell of pixels
+SHAPE_PIXELS = 128        # shape is asked about only for objects at least two code cells large
 
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<think>", "</think>", "<answer>", "</answer>", "<depth-estimation>", "</depth-estimation>",
@@ -113,6 +116,11 @@ class Obj:
     @property
     def name(self):
         return f"{self.color} {self.shape}"
+
+    @property
+    def ref(self):
+        """How questions refer to the object: by its colour, which no other object of the scene shares."""
+        return f"{self.color} object"
 
     @property
     def volume(self):
@@ -281,7 +289,7 @@ def _shade(objs, size, t, idx, hits):
 def _place(rng, ob, others):
     """Sample a ground position that keeps ob's footprint clear of the others' (non-intersecting)."""
     for _ in range(100):
-        fwd = rng.uniform(2.5, 12.5)                     # metres ahead of the camera along the ground
+        fwd = rng.uniform(NEAR, FAR)                     # metres ahead of the camera along the ground
         x = rng.uniform(-0.42, 0.42) * fwd               # inside the horizontal field of view
         if all(math.hypot(x - o["c"][0], fwd - o["c"][1]) > (ob["r"] + o["r"] + 0.15) for o in others):
             ob["c"] = np.array([x, fwd, ob["h"] / 2])    # resting on the ground: centre at half height
@@ -289,8 +297,8 @@ def _place(rng, ob, others):
     return False
 
 
-def _sample_object(rng):
-    shape, color = SHAPES[rng.integers(3)], list(COLORS)[rng.integers(len(COLORS))]
+def _sample_object(rng, color):
+    shape = SHAPES[rng.integers(3)]
     if shape == "cube":
         w = h = rng.uniform(0.5, 1.4)
     elif shape == "sphere":
@@ -304,15 +312,16 @@ def _sample_object(rng):
 
 
 def make_scene(seed, size=IMAGE_SIZE):
-    """Scene number `seed`: 2-6 objects on a ground plane, each visibly at least MIN_PIXELS pixels.
+    """Scene number `seed`: 2-6 objects of different colours on a ground plane, each visibly at least MIN_PIXELS
+    pixels, so that "the red object" names one object and every object covers at least one code cell.
 
     Objects that end up (nearly) hidden are moved, up to 20 times; any still hidden are dropped, which can
     only uncover the others. Deterministic: the same (seed, size) always gives the same scene."""
     rng = np.random.default_rng(seed)
     min_px = max(1, round(MIN_PIXELS * (size / IMAGE_SIZE) ** 2))
     objs = []
-    for _ in range(rng.integers(2, MAX_OBJECTS + 1)):
-        ob = _sample_object(rng)
+    for c in rng.permutation(len(COLORS))[:rng.integers(2, MAX_OBJECTS + 1)]:  # colours without repetition
+        ob = _sample_object(rng, list(COLORS)[c])
         if _place(rng, ob, objs):
             objs.append(ob)
     for attempt in range(21):
@@ -359,19 +368,25 @@ def flip_scene(scene):
 def depth_to_rgb(depth, max_depth=MAX_DEPTH):
     """Depth -> grey image: clamp to [0, max_depth], scale linearly to [0, 255], 3 equal channels
     (PAPER.md: no log, no inverse, no per-image normalisation). (..., H, W) -> (..., H, W, 3) uint8."""
+    # exercise 1 begin: depth and segmentation as RGB images
     g = np.rint(np.clip(np.asarray(depth, np.float64), 0, max_depth) / max_depth * 255).astype(np.uint8)
     return np.repeat(g[..., None], 3, -1)
+    # exercise 1 end
 
 
 def rgb_to_depth(rgb, max_depth=MAX_DEPTH):
     """Inverse of depth_to_rgb: channel mean / 255 * max_depth. (..., 3) -> (...) float32 metres."""
+    # exercise 1 begin: depth and segmentation as RGB images
     return (np.asarray(rgb, np.float64).mean(-1) / 255 * max_depth).astype(np.float32)
+    # exercise 1 end
 
 
 def seg_to_rgb(seg):
     """Instance ids -> palette colours (id 0 black). (..., H, W) -> (..., H, W, 3) uint8."""
+    # exercise 1 begin: depth and segmentation as RGB images
     seg = np.asarray(seg, np.int64)
     return PALETTE[np.where(seg > 0, 1 + (seg - 1) % (len(PALETTE) - 1), 0)]
+    # exercise 1 end
 
 
 SEG_CELL = 8  # pixels per side of one code cell of the tiny / small / base tokenizers (vq_downsample)
@@ -431,7 +446,11 @@ CATEGORY_INFO = {
     "left_right": ("yesno", "segmentation", "boundary"),
     "existence": ("yesno", None, "negative"),
     "attribute": ("yesno", None, "negative"),
+    # grounding tasks (not benchmark categories): answers are a cell or a colour word, checked by exact match
+    "locate": ("cell", "segmentation", "boundary"),
+    "identify": ("word", None, "negative"),
 }
+GROUNDING = ["locate", "identify"]
 
 
 @dataclass
@@ -485,11 +504,11 @@ def _q(category, text, answer, objects):
 
 
 def make_questions(scene, rng):
-    """One question per category where an unambiguous one exists. Answers come from the 3-D ground truth;
-    objects are named by colour + shape only when that name is unique in the scene."""
+    """One question per category where an unambiguous one exists. Answers come from the 3-D ground truth.
+    Objects are referred to by colour ("the red object": colours are unique in a scene); shape is asked about only
+    for objects of at least SHAPE_PIXELS pixels, where 8x8-pixel code cells can still show it."""
     objs, reads = scene.objects, _map_reads(scene)
-    names = Counter(o.name for o in objs)
-    cand = [i for i, o in enumerate(objs) if names[o.name] == 1 and o.pixels > 0]
+    cand = [i for i, o in enumerate(objs) if o.pixels > 0]
     f = scene.intrinsics[0] if scene.intrinsics else float(scene.rgb.shape[1])
     apart = lambda x, y, ratio: max(x, y) >= ratio * min(x, y)          # clearly different quantities
     qs = []
@@ -500,14 +519,14 @@ def make_questions(scene, rng):
                        and (dist[i] < dist[j]) == (reads[i][0] < reads[j][0]))
         if p:
             a, b = p
-            qs.append(_q("relative_distance", f"Which is closer to the camera? (A) the {objs[a].name} (B) the "
-                         f"{objs[b].name}", "A" if dist[a] < dist[b] else "B", p))
+            qs.append(_q("relative_distance", f"Which is closer to the camera? (A) the {objs[a].ref} (B) the "
+                         f"{objs[b].ref}", "A" if dist[a] < dist[b] else "B", p))
         # Metric distance (camera to centre) and height, rounded to 0.1 m.
         i = cand[rng.integers(len(cand))]
-        qs.append(_q("distance", f"How far is the {objs[i].name} from the camera, in metres?",
+        qs.append(_q("distance", f"How far is the {objs[i].ref} from the camera, in metres?",
                      f"{dist[i]:.1f}", [i]))
         i = cand[rng.integers(len(cand))]
-        qs.append(_q("height", f"How tall is the {objs[i].name}, in metres?", f"{objs[i].height:.1f}", [i]))
+        qs.append(_q("height", f"How tall is the {objs[i].ref}, in metres?", f"{objs[i].height:.1f}", [i]))
         # Relative 3-D size by volume: >= 1.5x apart, and the size estimated from the maps
         # (sqrt(visible pixels) * depth / f) agrees, so the depth map really settles it.
         vol = [o.volume for o in objs]
@@ -517,17 +536,13 @@ def make_questions(scene, rng):
         if p:
             a, b = p
             qs.append(_q("relative_size", f"Which object is bigger in real 3-D size, not in the picture? "
-                         f"(A) the {objs[a].name} (B) the {objs[b].name}", "A" if vol[a] > vol[b] else "B", p))
-    # Counting, by shape, by colour (usually one that is present) or everything; needs no unique names.
-    pick = rng.integers(3)
-    if pick == 0:
+                         f"(A) the {objs[a].ref} (B) the {objs[b].ref}", "A" if vol[a] > vol[b] else "B", p))
+    # Counting: every object, or the objects of one shape.
+    if rng.random() < 0.5:
+        match, text = list(range(len(objs))), "How many objects are there?"
+    else:
         s = SHAPES[rng.integers(3)]
         match, text = [i for i, o in enumerate(objs) if o.shape == s], f"How many {PLURALS[s]} are there?"
-    elif pick == 1:
-        c = objs[rng.integers(len(objs))].color if rng.random() < 0.75 else list(COLORS)[rng.integers(8)]
-        match, text = [i for i, o in enumerate(objs) if o.color == c], f"How many {c} objects are there?"
-    else:
-        match, text = list(range(len(objs))), "How many objects are there?"
     qs.append(_q("count", text, str(len(match)), match))
     if cand:
         # Left / right in the image: projected 3-D centres >= 4 px apart (at 64 px) and mask centroids agree.
@@ -538,24 +553,50 @@ def make_questions(scene, rng):
                        (us[i] < us[j]) == (reads[i][1] < reads[j][1]))
         if p:
             a, b = p
-            qs.append(_q("left_right", f"Is the {objs[a].name} to the left of the {objs[b].name} in the image?",
+            qs.append(_q("left_right", f"Is the {objs[a].ref} to the left of the {objs[b].ref} in the image?",
                          "yes" if us[a] < us[b] else "no", p))
-    # Existence: half the time an object that is there, else a colour + shape that is absent.
-    present = {o.name for o in objs}
+    # Existence of a colour: half the time one that is there, else one that is not.
     if rng.random() < 0.5:
         i = int(rng.integers(len(objs)))
-        qs.append(_q("existence", f"Is there {_a(objs[i].name)} in the image?", "yes", [i]))
+        qs.append(_q("existence", f"Is there {_a(objs[i].ref)} in the image?", "yes", [i]))
     else:
-        absent = sorted(f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present)
-        qs.append(_q("existence", f"Is there {_a(absent[rng.integers(len(absent))])} in the image?", "no", []))
-    # Attribute: the shape of the only object of some colour; half the time the true shape is asked.
-    colors = Counter(o.color for o in objs)
-    single = [i for i, o in enumerate(objs) if colors[o.color] == 1]
-    if single:
-        i = single[rng.integers(len(single))]
+        absent = [c for c in COLORS if c not in {o.color for o in objs}]
+        qs.append(_q("existence", f"Is there {_a(absent[rng.integers(len(absent))] + ' object')} in the image?",
+                     "no", []))
+    # Attribute: the shape of an object large enough to show it; half the time the true shape is asked.
+    big = [i for i, o in enumerate(objs) if o.pixels >= SHAPE_PIXELS * (scene.rgb.shape[1] / IMAGE_SIZE) ** 2]
+    if big:
+        i = big[rng.integers(len(big))]
         yes = rng.random() < 0.5
         s = objs[i].shape if yes else [x for x in SHAPES if x != objs[i].shape][rng.integers(2)]
-        qs.append(_q("attribute", f"Is the {objs[i].color} object {_a(s)}?", "yes" if yes else "no", [i]))
+        qs.append(_q("attribute", f"Is the {objs[i].ref} {_a(s)}?", "yes" if yes else "no", [i]))
+    return qs
+
+
+def object_cell(scene, i, cell=SEG_CELL):
+    """(row, column), counted from 1, of the code cell holding the centroid of object i's visible pixels."""
+    v, u = np.nonzero(scene.seg == i + 1)
+    return int(v.mean()) // cell + 1, int(u.mean()) // cell + 1
+
+
+def grounding_questions(scene, rng, cell=SEG_CELL):
+    """Grounding tasks with many-bit answers (trained beside the benchmark's questions, scored on their own):
+    "locate": where is the red object? -> the cell of its centroid ("row 3, column 5", as grounding models point);
+    "identify": what colour is the object at row r, column c? -> a colour word, asked only about a cell that one
+    object covers at least half of. Content -> position and position -> content, the two directions of a lookup."""
+    objs, qs = scene.objects, []
+    if objs:
+        i = int(rng.integers(len(objs)))
+        r, c = object_cell(scene, i, cell)
+        qs.append(_q("locate", f"Where is the {objs[i].ref}? Give its cell.", f"row {r}, column {c}", [i]))
+        g = scene.seg.shape[0] // cell
+        blocks = scene.seg[:g * cell, :g * cell].reshape(g, cell, g, cell).transpose(0, 2, 1, 3).reshape(g, g, -1)
+        cover = np.stack([(blocks == k + 1).sum(-1) for k in range(len(objs))])  # (n, g, g) pixels per cell
+        k, rr, cc = np.nonzero(cover * 2 >= cell * cell)
+        if len(k):
+            j = int(rng.integers(len(k)))
+            qs.append(_q("identify", f"What colour is the object at row {rr[j] + 1}, column {cc[j] + 1}?",
+                         objs[k[j]].color, [int(k[j])]))
     return qs
 
 
@@ -564,34 +605,78 @@ def answer_text(question):
     return f"<answer>\\boxed{{{question.answer}}}</answer>"
 
 
-def _number_hit(pred, gt, metric):
-    """Score of a numeric guess: Q-Spatial (within a factor of 2) or SIBench MRA (EQUATIONS.md)."""
+def _scores(preds, gts, kind, metric="mra"):
+    """(K, N) scores of K candidate answers against N true answers (strings): numbers by SIBench MRA or the Q-Spatial
+    factor-2 hit (EQUATIONS.md), every other kind by exact match."""
+    if kind != "number":
+        return np.array([[float(p == g) for g in gts] for p in preds])
+    p, g = np.array(preds, float)[:, None], np.array(gts, float)[None]     # (K, 1), (1, N)
     if metric == "qspatial":
-        return float(max(pred / gt, gt / pred) < 2)
-    return float(np.mean([abs(pred - gt) / gt < 1 - th for th in np.arange(0.5, 1.0, 0.05)]))
+        return (np.maximum(p / g, g / p) < 2).astype(float)
+    tol = (10 - np.arange(10)) / 20                                        # 1 - theta for theta = 0.50 … 0.95
+    return (np.abs(p - g)[..., None] / g[..., None] < tol).mean(-1)
+
+
+_COLOUR_WORD = re.compile(r"\b(?:an? )?(?:" + "|".join(COLORS) + r")\b")
+
+
+def wording(question):
+    """What a model that does not look at the image knows of a question: its text with every colour word (and its
+    article) replaced by "<colour>". Colours are drawn independently of everything else in the world, so they carry
+    nothing about the answer."""
+    return _COLOUR_WORD.sub("<colour>", question.text)
 
 
 @lru_cache(maxsize=None)
+def wording_prior(number_metric="mra", n_scenes=1000):
+    """The best blind answer for each wording, fitted on train scenes: ({(category, wording): answer} for wordings
+    seen at least 20 times, {category: answer}). "Best" = the highest mean score over the training answers."""
+    rng, groups = np.random.default_rng(0), {}
+    for k in range(n_scenes):
+        scene = make_scene(scene_seed("train", k))
+        for q in make_questions(scene, rng) + grounding_questions(scene, rng):
+            groups.setdefault((q.category, wording(q)), []).append(q.answer)
+            groups.setdefault((q.category, None), []).append(q.answer)
+
+    def best(category, answers):
+        cands = sorted(set(answers))
+        return cands[int(_scores(cands, answers, CATEGORY_INFO[category][0], number_metric).mean(1).argmax())]
+    table = {key: best(key[0], a) for key, a in groups.items() if key[1] is not None and len(a) >= 20}
+    return table, {key[0]: best(key[0], a) for key, a in groups.items() if key[1] is None}
+
+
+def prior_answer(question, number_metric="mra"):
+    """The wording prior's answer to a question: the chance-level guess of a model that ignores the image."""
+    table, per_category = wording_prior(number_metric)
+    return table.get((question.category, wording(question)), per_category[question.category])
+
+
+def answer_score(pred, question, number_metric="mra"):
+    """Score of an answer string for a question: exact match, numbers by MRA (or the Q-Spatial hit)."""
+    return float(_scores([pred], [question.answer], question.kind, number_metric)[0, 0])
+
+
+@lru_cache(maxsize=None)
+def chance_levels(number_metric="mra", n_scenes=300):
+    """Chance level of every category: the mean score of the wording prior's answer (`prior_answer`, the best answer
+    given the question's wording alone) on that category's questions of the first n_scenes validation scenes."""
+    rng, hits = np.random.default_rng(0), {}
+    for k in range(n_scenes):
+        scene = make_scene(scene_seed("val", k))
+        for q in make_questions(scene, rng) + grounding_questions(scene, rng):
+            hits.setdefault(q.category, []).append(answer_score(prior_answer(q, number_metric), q, number_metric))
+    return {c: float(np.mean(v)) for c, v in hits.items()}
+
+
 def chance(category, number_metric="mra", n_scenes=300):
-    """Chance level of a category for eval tables. Choice and yes/no: 0.5 (two options, balanced).
-    Count and number: accuracy of the best constant answer (most frequent count; median number scored
-    with `number_metric`), estimated on the first n_scenes validation scenes."""
-    kind = CATEGORY_INFO[category][0]
-    if kind in ("choice", "yesno"):
-        return 0.5
-    rng = np.random.default_rng(0)
-    answers = [q.answer for k in range(n_scenes) for q in make_questions(make_scene(scene_seed("val", k)), rng)
-               if q.category == category]
-    if kind == "count":
-        return Counter(answers).most_common(1)[0][1] / len(answers)
-    x = np.array([float(a) for a in answers])
-    return float(np.mean([_number_hit(float(np.median(x)), g, number_metric) for g in x]))
+    """Chance level of one category (see `chance_levels`)."""
+    return chance_levels(number_metric, n_scenes)[category]
 
 
 # ----------------------------------------------------------------------------- trajectories (stage 2)
 MODES = ("depth", "segmentation", "text")
 # First thought of a turn, two phrasings per mode so the model does not key on one sentence.
-_PLANS = {"depth": ["A depth map shows how far away each object is.", "I will estimate depth to measure this."],
+PLANS = {"depth": ["A depth map shows how far away each object is.", "I will estimate depth to measure this."],
           "segmentation": ["A segmentation map separates the objects.",
                            "I will segment the image to find each object."],
           "text": ["The image alone is enough for this.", "No map is needed here."]}
@@ -652,10 +737,12 @@ def _reading(scene, q, mode):
 
 
 def prompt_segments(question):
-    """The user turn, up to where the model starts writing (also the GRPO prompt)."""
+    """The user turn, up to where the model starts writing (also the GRPO prompt): the question, then the image.
+    Question first, so that under causal attention every image code can attend to the question: a code can tell
+    whether it shows "the red object" while the image is read. With the image first, "where is the red object?" was
+    not learned in 1,000 steps; with the question first it was (README, "Making the model see")."""
     text = question.text if isinstance(question, Question) else question
-    return [("text", "<|im_start|>", False), ("image", "rgb", False),
-            ("text", text + "<|im_end|><|im_start|>", False)]
+    return [("text", "<|im_start|>" + text, False), ("image", "rgb", False), ("text", "<|im_end|><|im_start|>", False)]
 
 
 def make_trajectory(scene, question, rng, mode=None):
@@ -664,7 +751,7 @@ def make_trajectory(scene, question, rng, mode=None):
     mode: "depth" | "segmentation" | "text"; default = the question's helpful tool.
     Loss (SFT): the model's text turns and the closing <|im_end|>; not question, reflection or images."""
     mode = mode or question.tool or "text"
-    plan = _PLANS[mode][rng.integers(2)]
+    plan = PLANS[mode][rng.integers(2)]
     fact = _fact(scene, question)
     segs = prompt_segments(question)
     if mode == "text":
@@ -697,20 +784,13 @@ def trajectory_mix(n_scenes=300, seed=0, split="train"):
 
 
 def amg_segments(kind):
-    """Stage-1 AMG example: rgb + instruction, then the target map (loss only on its codes)."""
-    return [("text", "<|im_start|>", False), ("image", "rgb", False),
-            ("text", TOOL_PROMPTS[kind] + "<|im_end|><|im_start|>", False), ("image", kind, True),
-            ("text", "<|im_end|>", False)]
+    """Stage-1 AMG example: instruction + rgb, then the target map (loss only on its codes)."""
+    return prompt_segments(TOOL_PROMPTS[kind]) + [("image", kind, True), ("text", "<|im_end|>", False)]
 
 
-def vqa_segments(question, *more):
-    """Stage-1 direct-answer VQA example: loss on the answer text and the closing <|im_end|>. Extra questions about
-    the same image follow as further turns of one dialogue, so the image's codes are paid for once."""
-    segs = prompt_segments(question) + [("text", answer_text(question) + "<|im_end|>", True)]
-    for q in more:
-        segs += [("text", f"<|im_start|>{q.text}<|im_end|><|im_start|>", False),
-                 ("text", answer_text(q) + "<|im_end|>", True)]
-    return segs
+def vqa_segments(question):
+    """Stage-1 direct-answer VQA example: question + rgb, then the answer (loss on it and the closing <|im_end|>)."""
+    return prompt_segments(question) + [("text", answer_text(question) + "<|im_end|>", True)]
 
 
 # ----------------------------------------------------------------------------- sequence layout
@@ -719,6 +799,7 @@ def encode_segments(segments, tokenizer, image_offset, images=None):
     image code k becomes image_offset + k inside <|vision_start|> ... <|vision_end|>. loss_mask[t] is True
     when token t is a training target; an image with loss covers its codes and <|vision_end|>."""
     ids, mask = [], []
+    # exercise 7 begin: the loss mask of a token sequence
     for kind, value, loss in segments:
         if kind == "text":
             # Each text segment is encoded on its own; special tokens inside it (<|im_end|>, <think>, ...)
@@ -733,15 +814,18 @@ def encode_segments(segments, tokenizer, image_offset, images=None):
             ids += [VISION_START] + (codes.astype(np.int64) + image_offset).tolist() + [VISION_END]
             # <|vision_start|> is never a target: in stage 2 the sampler inserts it after a tool tag.
             mask += [False] + [loss] * (len(codes) + 1)
+    # exercise 7 end
     return ids, mask
 
 
 # ----------------------------------------------------------------------------- tokenizer
 def tokenizer_corpus(n_scenes=200, seed=0):
-    """Text the tokenizer learns from: questions, answers, prompts and trajectories of all three modes."""
+    """Text the tokenizer learns from: questions, answers, prompts, grounding questions and trajectories of all three
+    modes."""
     rng, texts = np.random.default_rng(seed), [DEPTH_PROMPT, SEG_PROMPT, REFLECTION_PROMPT]
     for k in range(n_scenes):
         scene = make_scene(scene_seed("train", k))
+        texts += [q.text + answer_text(q) for q in grounding_questions(scene, rng)]
         for q in make_questions(scene, rng):
             texts.append(answer_text(q))
             for mode in MODES:

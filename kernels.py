@@ -90,6 +90,7 @@ def _visible(Tq, Tk, causal, key_padding_mask, device):
 
 def attention_reference(q, k, v, causal=True, key_padding_mask=None):
     """Naive attention: materialise the (Tq, Tk) score matrix, softmax in float32 (float64 for float64)."""
+    # exercise 3 begin: RoPE and GQA attention
     B, nh, Tq, hs = q.shape
     Tk, g = k.shape[2], nh // k.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -108,6 +109,7 @@ def attention_reference(q, k, v, causal=True, key_padding_mask=None):
     else:
         p = torch.softmax(att, dim=-1)
     return (p @ v).to(q.dtype)  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+    # exercise 3 end
 
 
 def _attention_sdpa(q, k, v, causal, key_padding_mask):
@@ -190,6 +192,7 @@ class FlashAttention(torch.autograd.Function):
         vf = v.to(acc).reshape(BH, Tk, hs)  # (B·nkv, Tk, hs)
         out = torch.zeros(BH, g, Tq, hs, dtype=acc, device=q.device)
         lse2 = torch.full((BH, g, Tq), float("inf"), dtype=acc, device=q.device)  # +∞ = row saw no key
+        # exercise 4 begin: FlashAttention-2 forward
         for r0 in range(0, Tq, block_q):  # Alg. 1 line 3: for each query tile Q_i
             r1 = min(r0 + block_q, Tq)
             rows = g * (r1 - r0)
@@ -219,6 +222,7 @@ class FlashAttention(torch.autograd.Function):
             # lines 12-13: O_i = O / l, L_i = m + log l; a row with l = 0 keeps O = 0 and L = +∞
             lse2[:, :, r0:r1] = torch.where(l > 0, m + l.log2(), float("inf")).view(BH, g, r1 - r0)
             out[:, :, r0:r1] = (o / l.clamp_min(1e-30)[:, :, None]).view(BH, g, r1 - r0, hs)
+        # exercise 4 end
         out = out.view(B, nh, Tq, hs).to(q.dtype)  # (B, nh, Tq, hs)
         ctx.save_for_backward(q, k, v, out, lse2, pad)  # Alg. 1 line 15: keep only O and L
         ctx.causal, ctx.block_q, ctx.block_k = causal, block_q, block_k
@@ -243,6 +247,7 @@ class FlashAttention(torch.autograd.Function):
         kt = kf.transpose(1, 2).contiguous()  # Kᵀ (B·nkv, hs, Tk)
         vt = v.to(acc).reshape(BH, Tk, hs).transpose(1, 2).contiguous()  # Vᵀ (B·nkv, hs, Tk)
         do = dout.to(acc).reshape(BH, g, Tq, hs)
+        # exercise 5 begin: FlashAttention-2 backward
         # Alg. 2 line 4: D_i = rowsum(dO_i ∘ O_i), (B·nkv, g, Tq)
         D = (do * out.to(acc).reshape(BH, g, Tq, hs)).sum(dim=-1)
         dq = torch.zeros(BH, g, Tq, hs, dtype=acc, device=q.device) if need_dq else None
@@ -282,6 +287,7 @@ class FlashAttention(torch.autograd.Function):
         dq = dq.view(B, nh, Tq, hs).to(q.dtype) if need_dq else None  # (B, nh, Tq, hs)
         dk = dk.mul_(math.log(2)).view(B, nkv, Tk, hs).to(k.dtype) if need_dk else None  # (B, nkv, Tk, hs)
         dv = dv.view(B, nkv, Tk, hs).to(v.dtype) if need_dv else None  # (B, nkv, Tk, hs)
+        # exercise 5 end
         return dq, dk, dv, None, None, None, None
 
 

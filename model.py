@@ -69,6 +69,8 @@ class ModelConfig:
     attn_impl: str = "fused"       # kernels.attention impl: "fused" | "reference" | "sdpa"
     grad_ckpt: bool = False        # recompute each block in the backward pass (activation checkpointing)
     tie_embeddings: bool = False   # Qwen2.5-7B keeps input and output embeddings separate
+    patch_embed: bool = True       # understanding path: a learned embedding of each input-image patch's pixels is
+                                   # added to its code's embedding (BAGEL reads input images with a ViT)
     norm_eps: float = 1e-6
 
     @property
@@ -162,16 +164,20 @@ class VQTokenizer(nn.Module):
         learning = self.training and torch.is_grad_enabled()             # encode() never changes the codebook
         if learning and self.cfg.vq_restart > 0:
             self.restart_dead_codes(z.detach())
+        # exercise 2 begin: VQ quantisation
         e = F.normalize(self.codebook.weight, dim=1)                     # (K, D) unit codes
         codes = (z.detach() @ e.t()).argmax(dim=1)                       # argmin ‖z − e_k‖² = argmax z·e_k on the sphere
+        # exercise 2 end
         if learning:
             n = torch.bincount(codes, minlength=e.shape[0]).float()     # (K,) picks in this batch
             self.code_count.mul_(0.95).add_(n, alpha=0.05)
+        # exercise 2 begin: VQ quantisation
         z_q = e[codes]                                                   # (B·h·w, D)
         # VQ-VAE loss (van den Oord 2017), both terms before the straight-through line:
         codebook = F.mse_loss(z_q, z.detach())                           # ‖sg[z_e] − z_q‖²: moves only the codebook
         commit = self.cfg.vq_beta * F.mse_loss(z, z_q.detach())          # β‖z_e − sg[z_q]‖²: moves only the encoder
         z_q = z + (z_q - z).detach()                                     # straight-through: forward z_q, backward identity
+        # exercise 2 end
         z_q = z_q.view(B, h, w, D).permute(0, 3, 1, 2)                   # (B, D, h, w)
         return z_q, codes.view(B, h, w), {"codebook": codebook, "commit": commit}
 
@@ -230,9 +236,11 @@ def rope_tables(cfg: ModelConfig, device=None):
 
 def apply_rope(x, cos, sin):
     """RoPE (rotate-half form): x (B, n, T, hs), cos/sin (B, T, hs/2) gathered at each token's position."""
+    # exercise 3 begin: RoPE and GQA attention
     x1, x2 = x.float().chunk(2, dim=-1)                                  # (B, n, T, hs/2) each
     cos, sin = cos[:, None], sin[:, None]                                # (B, 1, T, hs/2) broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+    # exercise 3 end
 
 
 class Expert(nn.Module):
@@ -323,6 +331,28 @@ class KVCache:
         return self.k[layer, :, :, :L + T], self.v[layer, :, :, :L + T]
 
 
+class PatchEmbed(nn.Module):
+    """The understanding path (BAGEL reads input images with a SigLIP ViT, apart from the generation latents): each
+    vq_downsample × vq_downsample RGB patch of the input image → Linear → GELU → Linear, added to the embedding of the
+    code at the same place. Codes alone make a from-scratch model learn what each of K codes looks like from answer
+    labels; pixels give it colour and shading directly (README, "Making the model see")."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.p = cfg.vq_downsample
+        self.fc1 = nn.Linear(3 * self.p * self.p, 2 * cfg.n_embd)
+        self.fc2 = nn.Linear(2 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, pixels, is_img, k):
+        """pixels (B,3,H,W), is_img (B,T), k (B,T) place in the grid -> (B,T,C), non-zero on the first image block."""
+        x = F.unfold(pixels.to(self.fc1.weight.dtype), self.p, stride=self.p).transpose(1, 2)  # (B, h·w, 3·p·p)
+        feats = self.fc2(F.gelu(self.fc1(x)))                            # (B, h·w, C) raster order, like the codes
+        start = is_img & ~F.pad(is_img[:, :-1], (1, 0))                   # (B, T) first code of each image block
+        first = is_img & (start.long().cumsum(1) == 1)                    # (B, T) codes of the first block in idx
+        out = torch.gather(feats, 1, k[..., None].expand(-1, -1, feats.shape[-1]))  # (B, T, C) feature of place k
+        return torch.where(first[..., None], out, 0.0)
+
+
 class UnifiedTransformer(nn.Module):
     """Decoder-only transformer over text ids | special ids | image codes (one embedding table, one LM head)."""
 
@@ -332,6 +362,7 @@ class UnifiedTransformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos2d = nn.Parameter(torch.zeros(cfg.image_tokens, cfg.n_embd))  # learned 2-D position of each image code
+        self.patch = PatchEmbed(cfg) if cfg.patch_embed else None  # understanding path for the input image
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norms = nn.ModuleList(nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps) for _ in range(2 if cfg.mot else 1))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -361,12 +392,15 @@ class UnifiedTransformer(nn.Module):
     def new_cache(self, batch_size, max_len, device=None, dtype=torch.float32):
         return KVCache(self.cfg, batch_size, max_len, device=device, dtype=dtype)
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, key_padding_mask=None, reduction="mean"):
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, key_padding_mask=None, reduction="mean",
+                pixels=None):
         """idx (B,T) -> (logits (B,T,V), loss). targets[t] is the token after idx[t]; the loss is the mean
         cross-entropy over positions where loss_mask is True (all positions when loss_mask is None).
         reduction="none" returns (None, per-token losses (N_masked,) in row-major order of the mask) and runs the
         output layer on the masked positions only (training: a third of the tiny model's FLOPs are the output layer).
-        key_padding_mask (B,Tk) bool, True = real token, covers cached keys + idx."""
+        key_padding_mask (B,Tk) bool, True = real token, covers cached keys + idx.
+        pixels (B,3,H,W) in [-1,1]: the input image of each row; with cfg.patch_embed its patch embeddings are added to
+        the codes of the first image block in idx (the understanding path; generated maps stay codes only)."""
         cfg = self.cfg
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -379,7 +413,12 @@ class UnifiedTransformer(nn.Module):
         assert past + T <= cfg.max_seq_len, "sequence longer than max_seq_len"
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]                # (B, T, hs/2)
         is_img = idx >= cfg.image_offset                                 # (B, T) MoT routing by token id
-        x = self.embed(idx) + self.image_positions(idx, is_img, past, cache)  # (B, T, C)
+        k = self.image_index(idx, is_img, past, cache)                   # (B, T) place of each code in its h×w grid
+        # 2-D position of image codes; F.embedding, not pos2d[k]: its CPU backward sums repeated indices in a fixed
+        # order (bit-reproducible runs)
+        x = self.embed(idx) + torch.where(is_img[..., None], F.embedding(k, self.pos2d), 0.0)  # (B, T, C)
+        if pixels is not None and self.patch is not None:
+            x = x + self.patch(pixels, is_img, k)                        # understanding path (BAGEL's ViT input)
         for i, block in enumerate(self.blocks):
             args = (x, is_img, cos, sin, cache, i, key_padding_mask)
             if cfg.grad_ckpt and self.training and torch.is_grad_enabled():
@@ -400,10 +439,10 @@ class UnifiedTransformer(nn.Module):
         loss = F.cross_entropy(logits[mask].float(), targets[mask])     # (N_masked, V) vs (N_masked,)
         return logits, loss
 
-    def image_positions(self, idx, is_img, past, cache):
-        """BAGEL's 2-D position embedding of image tokens: the k-th code of an image block (raster order) gets pos2d[k];
-        text tokens get 0. k = t - (position of the last non-image token before t) - 1; the cache carries that position
-        across decoding steps."""
+    def image_index(self, idx, is_img, past, cache):
+        """Place k of every image code in its block's h×w grid (raster order; BAGEL's 2-D position of image tokens); 0 for
+        text. k = t - (position of the last non-image token before t) - 1; the cache carries that position across
+        decoding steps."""
         t = torch.arange(past, past + idx.shape[1], device=idx.device)  # (T,) absolute positions
         last = torch.where(is_img, -1, t)                                # (B, T) own position for text tokens
         if cache is not None:
@@ -411,88 +450,104 @@ class UnifiedTransformer(nn.Module):
         last = last.cummax(dim=1).values[:, -idx.shape[1]:]              # (B, T) last text position at or before t
         if cache is not None:
             cache.last_text = last[:, -1]
-        k = (t - last - 1).clamp(0, self.cfg.image_tokens - 1)           # (B, T) index in the h×w grid
-        # F.embedding, not self.pos2d[k]: its CPU backward sums repeated indices in a fixed order (bit-reproducible runs)
-        return torch.where(is_img[..., None], F.embedding(k, self.pos2d), 0.0)  # (B, T, C)
+        return torch.where(is_img, (t - last - 1).clamp(0, self.cfg.image_tokens - 1), 0)  # (B, T)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, *, temperature=1.0, top_k=None, vision_start, vision_end, stop_id=None,
-                 key_padding_mask=None, force=None, generator=None):
-        """Sample max_new_tokens after idx (B,T0) (left-padded when key_padding_mask is given) with a KV cache.
+                 key_padding_mask=None, force=None, ban=None, turn_cap=None, generator=None, pixels=None):
+        """Sample up to max_new_tokens after idx (B,T0) (left-padded when key_padding_mask is given) with a KV cache; all
+        per-sequence bookkeeping is held in (B,) tensors, so a step costs the same Python for 1 or 256 sequences.
 
-        Modality constraints (Auxiliary Modality Generation): after <|vision_start|> exactly cfg.image_tokens image
-        codes are sampled from image-code logits only, then <|vision_end|> is forced; elsewhere image codes are masked.
-        force(b, generated_ids) -> list of ids is called after every new token of sequence b; a non-empty list is
-        fed as the next tokens (held back while an image block is open). A sequence that emits stop_id outside an image
-        block is finished and padded with stop_id; generation ends early once all are finished (N ≤ max_new_tokens).
+        Modality constraints (Auxiliary Modality Generation): after <|vision_start|> exactly cfg.image_tokens image codes
+        are sampled from image-code logits only, then <|vision_end|> is forced; elsewhere image codes are masked.
+        force: {trigger id: [ids]}: after a sequence emits a trigger (sampled or forced) those ids are fed as its next
+        tokens, not sampled (held back while an image block is open). The stage-2 runtime forces <|vision_start|> after a
+        closing tool tag and the reflection prompt after <|vision_end|>.
+        ban: {id: n}: that id is never sampled once a sequence has generated n image blocks (n = 0: never; e.g. tool tags
+        after the last map a rollout may draw). turn_cap: a sequence that samples more than turn_cap text tokens in one turn
+        (since the start or its last generated image block) is finished there.
+        A sequence that emits stop_id outside an image block is finished and padded with stop_id; generation ends early
+        once all are finished (N ≤ max_new_tokens).
         Returns dict(tokens (B,T0+N), sampled (B,N) bool, logps (B,N): log-prob of each sampled token under the
         temperature-scaled model distribution before masking (0 where not sampled), mask (B,T0+N): real tokens)."""
         cfg, dev = self.cfg, idx.device
         B, T0 = idx.shape
         kpm = torch.ones(B, T0, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
-        # modality state of each sequence from its prompt: codes still owed in an open image block (-1 = outside)
-        left = [-1] * B
-        for b in range(B):
-            for t in idx[b][kpm[b]].tolist():
-                left[b] = self._step_state(left[b], t, vision_start, vision_end)
-        queue, done, gen = [[] for _ in range(B)], [False] * B, [[] for _ in range(B)]
+        V, n_img, rows = cfg.vocab_size, cfg.image_tokens, torch.arange(B, device=dev)
+        is_code = torch.arange(V, device=dev) >= cfg.image_offset              # (V,)
+        # modality state from the prompt: codes still owed in an open image block (-1 = outside one)
+        t = torch.arange(T0, device=dev)
+        last_vs = torch.where((idx == vision_start) & kpm, t, -1).amax(1)     # (B,) last <|vision_start|>, -1 if none
+        last_ve = torch.where((idx == vision_end) & kpm, t, -1).amax(1)       # (B,)
+        codes_after = ((idx >= cfg.image_offset) & kpm & (t > last_vs[:, None])).sum(1)  # (B,)
+        left = torch.where(last_vs > last_ve, n_img - codes_after, -1)        # (B,)
+        # forced tokens: a table trigger id -> row of `seqs`; each sequence holds a queue (its row) and a read pointer
+        force = force or {}
+        trig = torch.full((V,), -1, dtype=torch.long, device=dev)
+        L = max([len(v) for v in force.values()], default=1)
+        seqs = torch.zeros(max(1, len(force)), L, dtype=torch.long, device=dev)
+        lens = torch.zeros(max(1, len(force)), dtype=torch.long, device=dev)
+        for r, (k, v) in enumerate(force.items()):
+            trig[k], lens[r] = r, len(v)
+            seqs[r, :len(v)] = torch.tensor(v, dtype=torch.long, device=dev)
+        queue, qpos, qlen = seqs[torch.zeros(B, dtype=torch.long, device=dev)], torch.zeros_like(left), torch.zeros_like(left)
+        limit = torch.full((V,), max_new_tokens + 1, dtype=torch.long, device=dev)  # maps drawn before an id is banned
+        for k, n in (ban or {}).items():
+            limit[k] = n
+        blocks, run = torch.zeros_like(left), torch.zeros_like(left)  # image blocks generated; text tokens in a row
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        pad = stop_id if stop_id is not None else 0
         cache = self.new_cache(B, T0 + max_new_tokens, device=dev, dtype=self.embed.weight.dtype)
-        logits, _ = self(idx, cache=cache, key_padding_mask=kpm)
+        logits, _ = self(idx, cache=cache, key_padding_mask=kpm, pixels=pixels)  # pixels: the prompt's input image
         out_tok, out_sampled, out_logp, out_mask = [], [], [], []
-        is_code = torch.arange(cfg.vocab_size, device=dev) >= cfg.image_offset  # (V,)
         for step in range(max_new_tokens):
-            last = logits[:, -1].float()                                  # (B, V)
+            last = logits[:, -1].float()                                      # (B, V)
             scaled = last / temperature if temperature > 0 else last
-            in_block = torch.tensor([l > 0 for l in left], device=dev)
-            allowed = in_block[:, None] == is_code[None, :]              # (B, V) modality constraint
+            # exercise 6 begin: the modality constraint of decoding
+            allowed = (left > 0)[:, None] == is_code[None, :]                 # (B, V) modality constraint
+            allowed &= blocks[:, None] < limit[None, :]                       # (B, V) banned ids
+            # exercise 6 end
             masked = scaled.masked_fill(~allowed, float("-inf"))
             if top_k is not None:
-                kth = masked.topk(min(top_k, masked.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+                kth = masked.topk(min(top_k, V), dim=-1).values[:, -1:]      # (B, 1)
                 masked = masked.masked_fill(masked < kth, float("-inf"))
             if temperature > 0:
                 nxt = torch.multinomial(masked.softmax(-1), 1, generator=generator).squeeze(1)  # (B,)
             else:
-                nxt = masked.argmax(-1)                                   # greedy
+                nxt = masked.argmax(-1)                                       # greedy
             logp = scaled.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1)  # (B,)
-            sampled, real = [True] * B, [True] * B
-            for b in range(B):
-                if done[b]:
-                    nxt[b], sampled[b], real[b] = stop_id if stop_id is not None else 0, False, False
-                elif left[b] == 0:                                        # image block full: close it
-                    nxt[b], sampled[b] = vision_end, False
-                elif queue[b] and left[b] < 0:                            # caller's forced tokens (outside images)
-                    nxt[b], sampled[b] = queue[b].pop(0), False
-                if not done[b]:
-                    t = int(nxt[b])
-                    gen[b].append(t)
-                    left[b] = self._step_state(left[b], t, vision_start, vision_end)
-                    if stop_id is not None and t == stop_id and left[b] < 0:
-                        done[b] = True
-                    elif force is not None:
-                        queue[b].extend(force(b, gen[b]))
-            s = torch.tensor(sampled, device=dev)
+            close = left == 0                                                 # image block full: close it
+            queued = (qpos < qlen) & (left < 0)                               # forced tokens wait outside images
+            nxt = torch.where(close, vision_end, torch.where(queued, queue[rows, qpos.clamp(max=L - 1)], nxt))
+            nxt = torch.where(done, pad, nxt)
+            sampled = ~(close | queued | done)
+            qpos = qpos + (queued & ~done).long()
+            real = ~done
+            # advance the state of the live sequences
+            in_block = left > 0
+            left = torch.where(nxt == vision_start, n_img, torch.where(nxt == vision_end, -1, left - (in_block & is_code[nxt]).long()))
+            left = torch.where(done, -1, left)
+            blocks = blocks + (real & close).long()                                  # a generated image block was closed
+            run = torch.where(real & close, 0, run + (sampled & ~is_code[nxt]).long())  # text the model wrote since the map
+            fired = real & (trig[nxt] >= 0)                                   # a trigger: load its forced tokens
+            r = trig[nxt].clamp(min=0)
+            queue = torch.where(fired[:, None], seqs[r], queue)
+            qlen, qpos = torch.where(fired, lens[r], qlen), torch.where(fired, 0, qpos)
+            done = done | (real & (left < 0) & (nxt == pad) & (stop_id is not None))
+            if turn_cap is not None:
+                done = done | (real & (run > turn_cap))
             out_tok.append(nxt)
-            out_sampled.append(s)
-            out_logp.append(torch.where(s, logp, torch.zeros_like(logp)))
-            out_mask.append(torch.tensor(real, device=dev))
-            if step == max_new_tokens - 1 or all(done):
+            out_sampled.append(sampled)
+            out_logp.append(torch.where(sampled, logp, torch.zeros_like(logp)))
+            out_mask.append(real)
+            if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            kpm = torch.cat([kpm, out_mask[-1][:, None]], dim=1)          # (B, Tk+1)
+            kpm = torch.cat([kpm, real[:, None]], dim=1)                      # (B, Tk+1)
             logits, _ = self(nxt[:, None], cache=cache, key_padding_mask=kpm)
-        tokens = torch.cat([idx, torch.stack(out_tok, 1)], dim=1)         # (B, T0+N)
-        mask = torch.cat([kpm[:, :T0], torch.stack(out_mask, 1)], dim=1)   # (B, T0+N)
+        tokens = torch.cat([idx, torch.stack(out_tok, 1)], dim=1)             # (B, T0+N)
+        mask = torch.cat([kpm[:, :T0], torch.stack(out_mask, 1)], dim=1)       # (B, T0+N)
         return {"tokens": tokens, "sampled": torch.stack(out_sampled, 1), "logps": torch.stack(out_logp, 1),
                 "mask": mask}
-
-    def _step_state(self, left, t, vision_start, vision_end):
-        """Advance one sequence's modality state by token t: codes still owed in the image block, -1 outside."""
-        if t == vision_start:
-            return self.cfg.image_tokens
-        if t == vision_end:
-            return -1
-        if left > 0 and t >= self.cfg.image_offset:
-            return left - 1
-        return left
 
 
 # ======================================================================================================================

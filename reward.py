@@ -303,6 +303,7 @@ def exploration_rewards(tool_used, flags, group_size: int = 8, threshold: int = 
     if group_size < 1 or n % group_size:
         raise ValueError(f"{n} rollouts do not split into groups of {group_size}")
     flags = [str(f).strip().lower() for f in _per_rollout(flags, n, group_size, "flags")]
+    # exercise 8 begin: the CPR exploration term
     out = [0.0] * n
     for start in range(0, n, group_size):
         c = sum(used[start:start + group_size])  # CPR r_explore: rollouts of this prompt with >= 1 tool call
@@ -311,6 +312,7 @@ def exploration_rewards(tool_used, flags, group_size: int = 8, threshold: int = 
                 out[i] = bonus  # few rollouts explored although perception helps: reward those that did
             elif used[i] and c > threshold and flags[i] == "negative":
                 out[i] = -bonus  # many rollouts called a tool that does not help: discourage them
+    # exercise 8 end
     return out
 
 
@@ -347,6 +349,7 @@ def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 
     r = r if r.is_floating_point() else r.to(torch.get_default_dtype())
     if r.dim() != 1 or group_size < 1 or r.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(r.shape)} do not split into groups of {group_size}")
+    # exercise 9 begin: group advantages and the clipped GRPO loss
     g = r.view(-1, group_size)  # (num_groups, G)
     centred = g - g.mean(dim=1, keepdim=True)  # (num_groups, G)
     constant = (g.amax(dim=1) == g.amin(dim=1)).unsqueeze(1)  # (num_groups, 1): zero-variance groups
@@ -355,6 +358,7 @@ def group_advantages(rewards, group_size: int, scale: bool = True, eps: float = 
         std = g.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])  # unbiased, (num_groups, 1)
         centred = centred / (std + eps)  # GRPO advantage (R - mean_G) / (std_G + eps), eps = 1e-4
     return centred.reshape(-1)  # (N,)
+    # exercise 9 end
 
 
 if __name__ == "__main__":  # python reward.py --bench : time the rewards on a batch of typical responses

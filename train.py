@@ -28,10 +28,12 @@ Tests: python -m pytest tests/test_train.py tests/test_grpo.py
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -48,7 +50,8 @@ from tqdm import tqdm
 import cooper
 import data
 import kernels
-from model import PRESETS, UnifiedTransformer, VQTokenizer
+import reward
+from model import PRESETS, ModelConfig, UnifiedTransformer, VQTokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta=0.0, eps_
     logp = torch.where(mask, logps.to(dt), zero)  # (G, T)
     old = torch.where(mask, old_logps.detach().to(dt), zero)  # (G, T)
     adv = advantages.detach().to(dt).unsqueeze(1)  # (G, 1), one advantage per completion
+    # exercise 9 begin: group advantages and the clipped GRPO loss
     ratio = torch.exp(logp - old)  # (G, T) importance ratio pi_theta / pi_old; 1 on masked entries
     surr = ratio * adv  # (G, T) unclipped surrogate r A
     surr_clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv  # (G, T) clipped surrogate
@@ -133,6 +137,7 @@ def grpo_loss(logps, old_logps, advantages, mask, ref_logps=None, beta=0.0, eps_
         loss = per_token.sum() / (G * T)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; use 'grpo', 'dapo' or 'dr_grpo'")
+    # exercise 9 end
 
     with torch.no_grad():  # logging only
         low = mask & (ratio < 1 - eps_low) & (adv < 0)  # (G, T) clipped at the bottom
@@ -156,48 +161,87 @@ class TrainConfig:
     resume: bool = False           # continue the run in --out exactly where it stopped
     max_steps: int = 0             # > 0 caps every training phase at this many steps (smoke tests)
     device: str = "auto"           # auto | cpu | cuda | mps
-    seed: int = 0
+    seed: int = 0                  # seed of the weights, the data stream and sampling
     compile: bool = False          # torch.compile the transformer (opt-in: slow to start, faster on GPUs)
     attn: str = ""                 # attention kernel, same maths: fused | sdpa | reference; "" = sdpa on CUDA
                                    # (4-6× faster there, docs/gpu.md), the preset's (fused) elsewhere
     fsdp: bool = False             # shard parameters with FSDP under torchrun (large presets) instead of DDP
     tokenizer_from: str = ""       # copy tokenizer.json + vq.pt from this run instead of training a new VQ tokenizer
+    patch_embed: bool = True       # the understanding path: pixel patches of the input image added to its codes
     # VQ tokenizer phase
-    vq_steps: int = 1500
-    vq_batch: int = 16
-    vq_lr: float = 2e-3
+    vq_steps: int = 1500           # optimizer steps of the VQ image tokenizer
+    vq_batch: int = 16             # images per VQ step
+    vq_lr: float = 2e-3            # peak learning rate of the VQ tokenizer
     # stage-1 phase: auxiliary modality generation (AMG) + direct-answer VQA
-    steps: int = 1000
+    steps: int = 1000              # optimizer steps of the stage-1 transformer phase
     batch_size: int = 32           # sequences per optimizer step, all ranks together
     micro_batch: int = 32          # sequences per forward pass on one rank; accumulation = batch_size / (micro × ranks)
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = 2e-3               # peak learning rate (linear warm-up, then cosine)
+    min_lr: float = 2e-4           # end of the cosine; every phase decays to peak × min_lr / lr
+    warmup: int = 100              # warm-up steps of the stage-1 phase
+    weight_decay: float = 0.1      # AdamW weight decay on weight matrices (not on norms and biases)
+    grad_clip: float = 1.0         # clip the gradient's global norm to this
     amg_share: float = 0.5         # share of AMG examples (depth + segmentation); 0 trains the control (VQA only)
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
-    vqa_turns: int = 4             # questions per VQA dialogue (the image's 66 tokens are shared by its questions)
+    ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
+    ground_steps: int = 0          # a curriculum: for this many steps every question example is a lookup question
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
-    eval_every: int = 500
-    n_eval: int = 64               # held-out scenes per evaluation
-    save_every: int = 250
-    log_every: int = 25
+    # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward
+    init: str = ""                 # finished stage-1 run to start from; "" = --out (sft.pt and grpo.pt go beside stage1.pt)
+    sft_steps: int = 300           # optimizer steps of the SFT phase
+    sft_lr: float = 5e-4           # peak learning rate of SFT
+    sft_mix: float = 0.5           # share of stage-1 examples (AMG, grounding, VQA) in SFT batches: keeps the maps trained
+    rl_steps: int = 100            # GRPO steps (each: rollouts, rewards, mu policy updates)
+    rl_batch: int = 8              # prompts per GRPO step, all ranks together (each gets group_size rollouts)
+    group_size: int = 8            # G rollouts per prompt (paper: 8)
+    rl_lr: float = 1e-4            # paper: 3e-6 for 7 B parameters; a 1 M-parameter model moves with more
+    beta: float = 0.0              # KL weight to a frozen reference, the SFT model (paper: 0, no reference)
+    eps_low: float = 0.2           # clip range [1 - eps_low, 1 + eps_high] of the ratio (paper: 0.2 both)
+    eps_high: float = 0.2          # > eps_low is DAPO's clip-higher
+    loss_type: str = "grpo"        # grpo | dapo | dr_grpo: how per-token losses are averaged (see grpo_loss)
+    mu: int = 1                    # policy updates per batch of rollouts (paper: 1, so the ratio is 1)
+    temperature: float = 1.0       # sampling temperature of the rollouts (paper: 1.0)
+    turn_cap: int = 64             # text tokens one turn may hold; a longer turn ends the rollout
+    image_pg: bool = False         # beyond the paper: policy gradient on the generated maps' codes as well
+    n_eval2: int = 128             # held-out scenes for the stage-2 evaluation (every question, every mode)
+    eval_every: int = 500          # steps between held-out VQA evaluations (the learning curve)
+    n_eval: int = 64               # held-out scenes for the map metrics of the final evaluation
+    n_vqa: int = 256               # held-out scenes for VQA (every question of each), at every evaluation
+    save_every: int = 250          # steps between checkpoints (also on Ctrl-C and at the end of a phase)
+    log_every: int = 25            # steps between metrics.jsonl rows
 
 
 # fields whose change does not change what a run computes: allowed to differ on --resume
-RUNTIME_FIELDS = {"resume", "max_steps", "device", "out", "compile", "attn", "eval_every", "save_every", "log_every", "n_eval"}
+RUNTIME_FIELDS = {"resume", "max_steps", "device", "out", "compile", "attn", "eval_every", "save_every", "log_every", "n_eval",
+                  "n_vqa", "n_eval2", "init"}
+
+
+def field_help():
+    """{field: its comment in TrainConfig's source}: the help text of each flag (continuation lines included)."""
+    out, last = {}, None
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = [^#]*(?:#\s*(.*))?$", line)
+        if m:
+            last = m.group(1)
+            out[last] = m.group(2) or ""
+        elif last and re.match(r"\s+#", line) and line.index("#") > 20:  # a comment continued on the next line
+            out[last] += " " + line.strip()[1:].strip()
+        else:
+            last = None
+    return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help()
     for f in fields(TrainConfig):
+        h = f"{helps.get(f.name, '')} (default: {f.default!r})".strip().replace("%", "%%")  # argparse formats with %
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(flag, type=typ, default=f.default)
+            p.add_argument(flag, type=typ, default=f.default, help=h)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.preset not in PRESETS:
         p.error(f"unknown preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -205,6 +249,10 @@ def parse_args(argv=None):
         p.error(f"unknown --attn {cfg.attn!r}; choose one of: {', '.join(kernels.IMPLS)}")
     if cfg.stage not in (1, 2):
         p.error("--stage must be 1 or 2")
+    if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
+        p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
+    if cfg.rl_batch % DDP_WORLD:
+        p.error(f"--rl-batch {cfg.rl_batch} must split evenly over {DDP_WORLD} processes (groups are never split)")
     cfg.out = cfg.out or os.path.join("runs", cfg.preset)
     return cfg
 
@@ -336,7 +384,7 @@ def cosine_lr(step, total, peak, floor, warmup):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, state_extra, on_eval=None):
+def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, state_extra, on_eval=None, warmup=None):
     """Train `module` (through `wrapped`, its DDP/FSDP/compiled view) for `total` optimizer steps, resuming from
     run/<name>.pt when it exists. step_fn(step) does forward + backward of one global batch and returns a stats dict
     with at least "loss". Checkpoints hold weights, optimizer, step, configs, RNG; the data position is the step."""
@@ -363,7 +411,7 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
     try:
         for step in bar:
             t0 = time.time()
-            lr = cosine_lr(step, total, peak_lr, peak_lr * cfg.min_lr / cfg.lr, cfg.warmup)
+            lr = cosine_lr(step, total, peak_lr, peak_lr * cfg.min_lr / cfg.lr, cfg.warmup if warmup is None else warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
             stats = step_fn(step)
@@ -487,35 +535,77 @@ def train_vq(cfg, mcfg, run, pool, device):
     return vq.eval(), done
 
 
-def stage1_example(cfg, pool, codes, tok, image_offset, rng):
-    """One training sequence of the stage-1 mixture: AMG (depth or segmentation generation, loss on the target codes
-    only, as in the paper) with probability amg_share, otherwise a direct-answer spatial question (loss on the answer)."""
+LOOKUPS = ("locate", "identify", "existence")  # questions about one named object: where is it, what is there, is it there
+
+
+def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
+    """One training sequence of the stage-1 mixture, as (ids, loss mask, task, scene index): AMG (depth or segmentation
+    generation, loss on the target codes only, as in the paper) with probability amg_share, otherwise one question with
+    its answer (loss on the answer): a lookup question (LOOKUPS: "where is the red object?", "what colour is the object
+    at row r, column c?", "is there a red object?") with probability ground_share, and always before step ground_steps
+    (the curriculum), else a spatial question of any category."""
     i = int(rng.integers(len(pool)))
     if rng.random() < cfg.amg_share:
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:
-        kind = "vqa"
-        qs = data.make_questions(pool.scenes[i], rng)
-        pick = rng.permutation(len(qs))[:cfg.vqa_turns]  # a dialogue of up to vqa_turns questions about one image
-        segs, images = data.vqa_segments(*[qs[k] for k in pick]), {"rgb": codes["rgb"][i]}
+        lookup = rng.random() < cfg.ground_share or (step is not None and step < cfg.ground_steps)
+        kind = "ground" if lookup else "vqa"
+        qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
+        qs = [q for q in qs if q.category in (LOOKUPS if lookup else data.CATEGORIES)]
+        segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
-    return ids, mask, kind
+    return ids, mask, kind, i
 
 
-def collate(examples, device):
+def collate(examples, device, rgb=None):
     """Right-pad to the longest sequence; inputs = ids[:-1], targets = ids[1:], loss on targets whose mask is set.
-    Right padding needs no attention mask: under causal attention real tokens never see the pads after them."""
-    T = max(len(ids) for ids, _, _ in examples) - 1
+    Right padding needs no attention mask: under causal attention real tokens never see the pads after them.
+    examples: (ids, mask, task, scene index); rgb (N, H, W, 3) uint8 images by scene index, for the understanding
+    path. Returns (idx, targets, loss mask, pixels (B, 3, H, W) in [-1, 1] or None)."""
+    T = max(len(e[0]) for e in examples) - 1
     idx = torch.full((len(examples), T), data.PAD_ID, dtype=torch.long)
     tgt = torch.full((len(examples), T), data.PAD_ID, dtype=torch.long)
     lm = torch.zeros(len(examples), T, dtype=torch.bool)
-    for b, (ids, mask, _) in enumerate(examples):
+    for b, (ids, mask, *_) in enumerate(examples):
         n = len(ids) - 1
         idx[b, :n] = torch.tensor(ids[:-1])  # (T,) inputs
         tgt[b, :n] = torch.tensor(ids[1:])  # (T,) next-token targets
         lm[b, :n] = torch.tensor(mask[1:])  # (T,) is target t a training target?
-    return idx.to(device), tgt.to(device), lm.to(device)
+    pixels = None if rgb is None else cooper.to_unit(rgb[[e[3] for e in examples]]).to(device)  # (B, 3, H, W)
+    return idx.to(device), tgt.to(device), lm.to(device), pixels
+
+
+def lm_step(examples, wrapped, device, rgb, accum, amp, t0):
+    """Forward + backward of one rank's share of a batch of (ids, loss mask, task, scene index) examples; returns the
+    stats of the progress line. Each task's loss is a mean over its own target tokens, weighted by its share of the
+    sequences, so that an answer's few tokens are not drowned by the 65 target codes of a map."""
+    mine = sorted(examples, key=lambda e: len(e[0]))
+    n_tok, n_seq = {}, {}
+    for ids, m, kind, _ in mine:
+        n_tok[kind] = n_tok.get(kind, 0) + sum(m[1:])
+        n_seq[kind] = n_seq.get(kind, 0) + 1
+    # forward passes over length-sorted chunks: short question and long map sequences are not padded to one length
+    n_chunks = max(accum, min(2, len(mine)))
+    sums, total = {}, 0.0
+    for a in range(n_chunks):
+        chunk = mine[a * len(mine) // n_chunks:(a + 1) * len(mine) // n_chunks]
+        idx, tgt, lm, pixels = collate(chunk, device, rgb)
+        # per-token weight: (task's share of the sequences) / (task's target tokens in the whole batch)
+        w = torch.tensor([n_seq[e[2]] / len(mine) / max(1, n_tok[e[2]]) for e in chunk], device=device)  # (B,)
+        with no_sync(wrapped, a == n_chunks - 1), amp():
+            # loss on the target image codes (AMG) or the answer text only: lm marks those targets
+            _, ce = wrapped(idx, tgt, lm, reduction="none", pixels=pixels)  # (N_masked,) per-token cross-entropy
+            loss = (ce * w[lm.nonzero()[:, 0]]).sum()  # (N_masked,) weighted by each token's task
+            loss.backward()
+        total += loss.item()
+        per_seq = torch.zeros(len(chunk), device=ce.device).index_add_(0, lm.nonzero()[:, 0], ce.detach())  # (B,)
+        # per-task loss, for the progress line and the curves: one device-to-host copy per chunk, not per sequence
+        for e, l in zip(chunk, per_seq.tolist()):
+            sums[e[2]] = sums.get(e[2], 0.0) + l
+    stats = {"loss": total, "tok/s": sum(len(e[0]) for e in mine) / (time.time() - t0)}
+    stats.update({f"loss_{k}": sums[k] / max(1, n_tok[k]) for k in sums})
+    return stats
 
 
 def encode_pool(vq, pool, device, batch=256):
@@ -547,35 +637,16 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
            f"{accum} micro-batches × {per_rank // accum}")
     amp = autocast_for(device)
 
+    rgb = pool.images("rgb") if mcfg.patch_embed else None  # (N, H, W, 3) input images for the understanding path
+
     def step_fn(step):
         t0 = time.time()
         rng = np.random.default_rng([cfg.seed, 2, step])  # the batch is a pure function of the step
-        batch = [stage1_example(cfg, pool, codes, tok, mcfg.image_offset, rng) for _ in range(cfg.batch_size)]
-        mine = sorted(batch[DDP_RANK * per_rank:(DDP_RANK + 1) * per_rank], key=lambda e: len(e[0]))
-        n_tok = sum(sum(m[1:]) for _, m, _ in mine)  # loss tokens of the whole (per-rank) batch
-        # forward passes over length-sorted chunks: short VQA and long AMG sequences are not padded to one length
-        n_chunks = max(accum, min(2, len(mine)))
-        sums, counts, total = {}, {}, 0.0
-        for a in range(n_chunks):
-            chunk = mine[a * len(mine) // n_chunks:(a + 1) * len(mine) // n_chunks]
-            idx, tgt, lm = collate(chunk, device)
-            with no_sync(wrapped, a == n_chunks - 1), amp():
-                # loss on the target image codes (AMG) or the answer text (VQA) only: lm marks those targets
-                _, ce = wrapped(idx, tgt, lm, reduction="none")  # (N_masked,) per-token cross-entropy
-                loss = ce.sum() / n_tok  # normalised by the token count of the whole batch, not the chunk
-                loss.backward()
-            total += loss.item()
-            per_seq = torch.zeros(len(chunk), device=ce.device).index_add_(0, lm.nonzero()[:, 0], ce.detach())  # (B,)
-            # per-task loss, for the progress line and the curves: one device-to-host copy per chunk, not per sequence
-            for (_, _, kind), l, n in zip(chunk, per_seq.tolist(), lm.sum(1).tolist()):
-                sums[kind] = sums.get(kind, 0.0) + l
-                counts[kind] = counts.get(kind, 0) + n
-        stats = {"loss": total, "tok/s": sum(len(i) for i, _, _ in mine) / (time.time() - t0)}
-        stats.update({f"loss_{k}": sums[k] / max(1, counts[k]) for k in sums})
-        return stats
+        batch = [stage1_example(cfg, pool, codes, tok, mcfg.image_offset, rng, step) for _ in range(cfg.batch_size)]
+        return lm_step(batch[DDP_RANK * per_rank:(DDP_RANK + 1) * per_rank], wrapped, device, rgb, accum, amp, t0)
 
-    def on_eval(step):
-        evaluate_and_report(cfg, run, model, vq, tok, device, step)
+    def on_eval(step):  # a point of the VQA learning curve
+        evaluate_and_report(cfg, run, model, vq, tok, device, step, maps=False)
 
     # under FSDP rank 0 alone cannot run the sharded model, so evaluation waits for the gathered final checkpoint
     done = run_phase("stage1", cfg, run, model, wrapped, opt, cfg.steps, cfg.lr, step_fn, {},
@@ -587,55 +658,64 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
     return model, done
 
 
-def evaluate_and_report(cfg, run, model, vq, tok, device, step):
-    """Held-out evaluation into metrics.jsonl, a printed table and the sample grid PNG (rank 0 only)."""
+def evaluate_and_report(cfg, run, model, vq, tok, device, step, maps=True):
+    """Held-out evaluation into metrics.jsonl, a printed table, the VQA learning curve and (with maps) the sample grid
+    PNG (rank 0 only). Without maps only VQA is measured: the points of the learning curve during training."""
     if DDP_RANK != 0:
         return None
     model.eval()
-    m, samples = cooper.evaluate(cooper.Cooper(model, vq, tok, device), n=cfg.n_eval, split="val", seed=cfg.seed)
+    c = cooper.Cooper(model, vq, tok, device)
+    if maps:
+        m, samples = cooper.evaluate(c, n=cfg.n_eval, split="val", seed=cfg.seed, n_vqa=cfg.n_vqa)
+        cooper.sample_grid(samples).save(os.path.join(run, "samples.png"))
+    else:
+        m = cooper.evaluate_vqa(c, n=cfg.n_vqa, split="val", seed=cfg.seed) if cfg.n_vqa else {}
     model.train()
     MetricsLog(os.path.join(run, "metrics.jsonl")).write({"phase": "eval", "step": step, **m})
-    print0(f"\nevaluation at step {step} on {cfg.n_eval} held-out scenes:\n" + cooper.format_table(m, data.chance))
-    cooper.sample_grid(samples).save(os.path.join(run, "samples.png"))
+    print0(f"\nevaluation at step {step} on held-out scenes ({cfg.n_eval if maps else 0} for maps, {cfg.n_vqa} for VQA):\n"
+           + cooper.format_table(m))
     plot_curves(os.path.join(run, "metrics.jsonl"), os.path.join(run, "loss.png"))
     return m
 
 
-def plot_curves(metrics_path, out_path, size=(640, 300)):
-    """Loss curves drawn with Pillow: one panel per training phase, log-scale y."""
+def plot_curves(metrics_path, out_path):
+    """loss.png: the loss curves of every training phase (log scale); beside it vqa.png: the VQA learning curve, one
+    panel per category with the held-out score, the blind score and the chance level against the step; and after GRPO
+    rewards.png: the reward curves."""
     rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
-    phases = [p for p in ("vq", "stage1", "sft", "grpo") if any(r.get("phase") == p for r in rows)]
-    if not phases:
-        return
-    W, H = size
-    img = Image.new("RGB", (W, H * len(phases)), "white")
-    d = ImageDraw.Draw(img)
-    colors = [(0, 0, 0), (200, 40, 40), (40, 80, 200), (40, 150, 60), (230, 140, 20)]  # one per curve
-    for pi, ph in enumerate(phases):
+    charts = []
+    for ph in ("vq", "stage1", "sft", "grpo"):
         rr = [r for r in rows if r.get("phase") == ph]
-        keys = ["loss"] + sorted(k for k in rr[-1] if k.startswith("loss_"))
-        x0, y0, x1, y1 = 50, pi * H + 20, W - 10, (pi + 1) * H - 25
-        d.rectangle([x0, y0, x1, y1], outline="gray")
-        vals = [r[k] for r in rr for k in keys if k in r and r[k] > 0]
-        if not vals:
-            continue
-        lo, hi = math.log(min(vals)), math.log(max(vals)) + 1e-9
-        smax = max(r["step"] for r in rr)
-        for ki, k in enumerate(keys):
-            pts = [(x0 + (x1 - x0) * r["step"] / smax, y1 - (y1 - y0) * (math.log(r[k]) - lo) / (hi - lo))
-                   for r in rr if k in r and r[k] > 0]
-            if len(pts) > 1:
-                d.line(pts, fill=colors[ki % len(colors)], width=2)
-            d.text((x0 + 5 + 110 * ki, y0 + 3), k, fill=colors[ki % len(colors)])
-        d.text((5, pi * H + 3), f"{ph}: step 0..{smax}, log loss {math.exp(lo):.3g}..{math.exp(hi):.3g}", fill="black")
-    img.save(out_path)
+        if rr:
+            keys = ["loss"] + sorted({k for r in rr for k in r if k.startswith("loss_")})
+            charts.append(cooper.line_chart({k: [(r["step"], r[k]) for r in rr if k in r] for k in keys},
+                                            title=f"{ph}: training loss", ylabel="loss", log_y=True))
+    if charts:
+        cooper.stack_images(charts).save(out_path)
+    rl = [r for r in rows if r.get("phase") == "grpo"]
+    if rl:  # the paper's reward curves: total, answer, format and exploration reward against the GRPO step
+        keys = ["reward", "reward_answer", "reward_format", "reward_explore", "tool_rate"]
+        cooper.line_chart({k: [(r["step"], r[k]) for r in rl if k in r] for k in keys}, title="GRPO: mean reward of "
+                          "the rollouts (CPR)", ylabel="reward").save(os.path.join(os.path.dirname(out_path), "rewards.png"))
+    ev = [r for r in rows if r.get("phase") == "eval" and "vqa/mean" in r]
+    if ev:
+        cats = [c for c in ["mean"] + data.CATEGORIES + data.GROUNDING if f"vqa/{c}" in ev[-1]]
+        panels = [cooper.line_chart({"model": [(r["step"], r[f"vqa/{c}"]) for r in ev if f"vqa/{c}" in r],
+                                     "blind": [(r["step"], r[f"vqa_blind/{c}"]) for r in ev if f"vqa/{c}" in r]},
+                                    dashed={"chance": [(r["step"], r[f"vqa_chance/{c}"]) for r in ev if f"vqa/{c}" in r]},
+                                    title=f"VQA {c} (held out)", ylabel="score", size=(400, 220)) for c in cats]
+        pairs = [cooper.stack_images(panels[i::2]) for i in range(2)]
+        page = Image.new("RGB", (pairs[0].width * 2, pairs[0].height), "white")
+        for i, p in enumerate(pairs):
+            page.paste(p, (i * pairs[0].width, 0))
+        page.save(os.path.join(os.path.dirname(out_path), "vqa.png"))
 
 
 def stage1(cfg):
     device = setup_distributed(cfg)
     run = prepare_run(cfg)
     attn = cfg.attn or ("sdpa" if device.type == "cuda" else PRESETS[cfg.preset].attn_impl)
-    mcfg = replace(PRESETS[cfg.preset], attn_impl=attn)
+    mcfg = replace(PRESETS[cfg.preset], attn_impl=attn, patch_embed=cfg.patch_embed)
     print0(f"attention kernel: {attn}" + ("" if cfg.attn else " (choose with --attn)"))
     tok_path, vq_path = os.path.join(run, "tokenizer.json"), os.path.join(run, "vq.pt")
     if not os.path.exists(tok_path):  # the text tokenizer: byte-level BPE on the world's text, deterministic
@@ -657,6 +737,207 @@ def stage1(cfg):
     model, done = train_stage1_lm(cfg, mcfg, run, pool, vq.eval(), tok, device)
     m = evaluate_and_report(cfg, run, model, vq, tok, device, min(cfg.steps, cfg.max_steps or cfg.steps))
     print0(f"run folder: {run} (samples.png, loss.png, metrics.jsonl, stage1.pt)")
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2 (PAPER.md "Stage 2", DESIGN.md "Stage 2"): SFT on balanced interleaved trajectories, then GRPO with the CPR
+# reward. Rollouts run through cooper.Cooper.rollout, the same tool-switch runtime that answers at inference.
+
+
+def sft_example(cfg, pool, codes, tok, image_offset, rng):
+    """One SFT sequence: with probability sft_mix a stage-1 example (AMG / grounding / direct VQA), so that drawing maps
+    and answering at once are not forgotten; otherwise a balanced interleaved trajectory (data.sample_trajectory: depth,
+    segmentation and text-only in equal shares). A trajectory's loss is on the model's text turns only (PAPER.md), not
+    on the question, the reflection prompt or the map: the map inside it is the true map, context the model did not
+    write (at inference it is the model's own), and the AMG examples keep map generation trained."""
+    if rng.random() < cfg.sft_mix:
+        return stage1_example(cfg, pool, codes, tok, image_offset, rng)
+    i = int(rng.integers(len(pool)))
+    _, segs, mode = data.sample_trajectory(pool.scenes[i], rng)
+    images = {"rgb": codes["rgb"][i], **({mode: codes[mode][i]} if mode != "text" else {})}
+    ids, mask = data.encode_segments(segs, tok, image_offset, images)
+    return ids, mask, f"sft_{mode}", i
+
+
+def token_logps(model, tokens, mask, pixels, start, width, temperature):
+    """Next-token log-probs of tokens[:, start:start + width] under the temperature-scaled model (EQUATIONS.md: logits
+    divided by the sampling temperature), and the entropy of each of those distributions: (B, width) each, zero-padded
+    past the sequence. tokens / mask (B, T) with left-padded prompts; pixels the input images."""
+    logits, _ = model(tokens[:, :-1], key_padding_mask=mask[:, :-1], pixels=pixels)  # (B, T-1, V)
+    logp = (logits[:, start - 1:].float() / temperature).log_softmax(-1)  # (B, N, V): position t predicts token t+1
+    got = logp.gather(-1, tokens[:, start:, None]).squeeze(-1)  # (B, N)
+    with torch.no_grad():
+        ent = -(logp.exp() * logp).sum(-1)  # (B, N)
+    pad = width - got.shape[1]
+    return F.pad(got, (0, pad)), F.pad(ent, (0, pad))
+
+
+def policy_mask(raw, image_offset, width, image_pg=False):
+    """(B, width) bool over the generated tokens of rollouts (generate's dict with T0): True on the tokens the policy
+    sampled as text, which alone get the policy gradient (PAPER.md: generated images are context, not actions); with
+    image_pg also on the map codes it sampled. Forced tokens (<|vision_start|>, <|vision_end|>, the reflection prompt),
+    the prompt and padding are never in it."""
+    # exercise 10 begin: the tool-switching runtime
+    gen = raw["tokens"][:, raw["T0"]:]  # (B, N)
+    m = raw["sampled"] & ((gen < image_offset) | image_pg)
+    return F.pad(m, (0, width - m.shape[1]))
+    # exercise 10 end
+
+
+def rl_items(cfg, pool, step):
+    """This rank's prompts of a GRPO step: (scene index, question) pairs, a pure function of the step. Groups are never
+    split across ranks: each rank draws its own prompts and generates all G rollouts of each."""
+    rng = np.random.default_rng([cfg.seed, 4, step])
+    items = []
+    for _ in range(cfg.rl_batch):
+        i = int(rng.integers(len(pool)))
+        qs = data.make_questions(pool.scenes[i], rng)
+        items.append((i, qs[int(rng.integers(len(qs)))]))
+    per = cfg.rl_batch // DDP_WORLD
+    return items[DDP_RANK * per:(DDP_RANK + 1) * per]
+
+
+def grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp):
+    """One GRPO step (PAPER.md "GRPO as run by the authors"): B prompts × G rollouts sampled together, CPR rewards,
+    group advantages, then mu policy updates on the same rollouts; run_phase takes the last optimizer step. Returns the
+    logged stats."""
+    t0, G, model = time.time(), cfg.group_size, agent.model
+    items = rl_items(cfg, pool, step)
+    scenes = [i for i, _ in items for _ in range(G)]  # (B·G,) rollouts, groups consecutive
+    qs = [q for _, q in items for _ in range(G)]
+    results, raw = agent.rollout(rgb[scenes], [q.text for q in qs], "interleaved", temperature=cfg.temperature,
+                                 seed=(cfg.seed * 100003 + step) * DDP_WORLD + DDP_RANK, turn_cap=cfg.turn_cap)
+    model.train()
+    t_roll = time.time() - t0
+    # CPR reward per rollout, then advantages within each group of G (std-scaled, or only centred for Dr. GRPO)
+    totals, comp = reward.cpr_rewards([r["text"] for r in results], [q.answer for q in qs], [q.kind for q in qs],
+                                      [q.flag for q in qs], group_size=G)
+    adv = reward.group_advantages(totals, G, scale=cfg.loss_type != "dr_grpo").to(agent.device)  # (B·G,)
+    # what each generated token is: only tokens the policy sampled as text get the policy gradient (with --image-pg
+    # also the codes of the maps it drew); forced tokens, the reflection prompt, the prompt and padding never do
+    T0, width = raw["T0"], agent.max_tokens(cfg.turn_cap)
+    tokens, mask = raw["tokens"].to(agent.device), raw["mask"].to(agent.device)
+    pg = policy_mask(raw, agent.cfg.image_offset, width, cfg.image_pg).to(agent.device)  # (B·G, width)
+    pixels = agent.pixels(rgb[scenes])
+    with torch.no_grad(), amp():  # old policy: the same computation without gradient, so the ratio is exactly 1 at mu = 1
+        old, _ = token_logps(model, tokens, mask, pixels, T0, width, cfg.temperature)
+        ref_lp = token_logps(ref, tokens, mask, pixels, T0, width, cfg.temperature)[0] if ref is not None else None
+    for u in range(cfg.mu):
+        with amp():
+            logps, ent = token_logps(wrapped, tokens, mask, pixels, T0, width, cfg.temperature)
+            loss, st = grpo_loss(logps, old, adv, pg, ref_lp, cfg.beta, cfg.eps_low, cfg.eps_high, cfg.loss_type)
+        loss.backward()
+        if u < cfg.mu - 1:  # the last update's optimizer step is run_phase's
+            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    # logging: rewards, tool use per flag and per category, lengths, clipping, KL, entropy, speed
+    used = np.array([reward.count_tool_calls(r["turns"]) > 0 for r in results])
+    groups = adv.view(-1, G)
+    n_gen = int(mask[:, T0:].sum())
+    stats = {"loss": loss.item(), "reward": float(np.mean(totals)), "reward_answer": float(np.mean(comp["answer"])),
+             "reward_format": float(np.mean(comp["format"])), "reward_explore": float(np.mean(comp["explore"])),
+             "tool_rate": float(used.mean()), "turns": float(np.mean([len(r["turns"]) for r in results])),
+             "text_tokens": float(pg.sum()) / len(results), "clip_frac": st["clip_low_frac"] + st["clip_high_frac"],
+             "kl": st["kl"], "entropy": float((ent * pg).sum() / pg.sum().clamp(min=1)),
+             "zero_adv_groups": float((groups == 0).all(1).float().mean()), "rollout_tok/s": n_gen / t_roll,
+             "tok/s": n_gen / (time.time() - t0)}
+    for flag in ("positive", "negative", "boundary"):
+        sel = [k for k, q in enumerate(qs) if q.flag == flag]
+        if sel:
+            stats[f"tool_rate_{flag}"] = float(used[sel].mean())
+    for cat in data.CATEGORIES:
+        sel = [k for k, q in enumerate(qs) if q.category == cat]
+        if sel:
+            stats[f"tool_rate/{cat}"] = float(used[sel].mean())
+    return stats
+
+
+def stage2(cfg):
+    """Stage 2 from a finished stage-1 run: SFT (phase "sft", sft.pt), then GRPO with CPR (phase "grpo", grpo.pt)."""
+    device = setup_distributed(cfg)
+    init = cfg.init or cfg.out
+    ck_path = os.path.join(init, "stage1.pt")
+    ck = load_checkpoint(ck_path) if os.path.exists(ck_path) else None
+    if ck is None or ck["step"] < ck["train_config"]["steps"]:
+        sys.exit(f"error: {init} holds no finished stage-1 run; train one first: python train.py --stage 1 --out {init}"
+                 + ("" if ck is None else " --resume"))
+    run = prepare_run(cfg)
+    if DDP_RANK == 0 and os.path.abspath(run) != os.path.abspath(init):
+        for f in ("tokenizer.json", "vq.pt", "stage1.pt"):
+            if not os.path.exists(os.path.join(run, f)):
+                shutil.copyfile(os.path.join(init, f), os.path.join(run, f))
+    barrier()
+    tok = data.load_tokenizer(os.path.join(run, "tokenizer.json"))
+    attn = cfg.attn or ("sdpa" if device.type == "cuda" else ck["model_config"]["attn_impl"])
+    mcfg = replace(ModelConfig(**ck["model_config"]), attn_impl=attn)
+    vq, model = VQTokenizer(mcfg).to(device), UnifiedTransformer(mcfg).to(device)
+    cooper.load_weights(vq, load_checkpoint(os.path.join(run, "vq.pt"))["model"], os.path.join(run, "vq.pt"))
+    cooper.load_weights(model, ck["model"], ck_path)
+    s1 = TrainConfig(**{**asdict(cfg), **{k: v for k, v in ck["train_config"].items() if k in
+                                          ("amg_share", "depth_share", "ground_share", "n_train_scenes")}})
+    pool = ScenePool(s1.n_train_scenes, mcfg.image_size)
+    codes = encode_pool(vq.eval(), pool, device)
+    rgb = pool.images("rgb")
+    amp = autocast_for(device)
+    per_rank = max(1, cfg.batch_size // DDP_WORLD)
+    accum = max(1, per_rank // cfg.micro_batch)
+
+    def optimizer(lr):
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        other = [p for p in model.parameters() if p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                  {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+    def report(phase, step):
+        evaluate_stage2(cfg, run, model, vq, tok, device, phase, step)
+
+    # SFT: trajectories (+ a share of the stage-1 mixture), loss on the model's text turns
+    wrapped = wrap(model, cfg, device)
+    opt = optimizer(cfg.sft_lr)
+
+    def sft_fn(step):
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        batch = [sft_example(s1, pool, codes, tok, mcfg.image_offset, rng) for _ in range(cfg.batch_size)]
+        return lm_step(batch[DDP_RANK * per_rank:(DDP_RANK + 1) * per_rank], wrapped, device,
+                       rgb if mcfg.patch_embed else None, accum, amp, t0)
+
+    done = run_phase("sft", cfg, run, model, wrapped, opt, cfg.sft_steps, cfg.sft_lr, sft_fn, {},
+                     warmup=min(cfg.warmup, cfg.sft_steps // 10))
+    if not done:
+        return print0(f"stopped after --max-steps {cfg.max_steps} in the SFT phase; continue with --resume")
+    if not os.path.exists(os.path.join(run, "grpo.pt")):
+        report("sft", cfg.sft_steps)
+    # GRPO with the CPR reward; the reference for the KL term (beta > 0) is the SFT model, frozen
+    ref = None
+    if cfg.beta > 0:
+        ref = UnifiedTransformer(mcfg).to(device).eval().requires_grad_(False)
+        ref.load_state_dict(model.state_dict())
+    agent = cooper.Cooper(model, vq, tok, device)
+    opt = optimizer(cfg.rl_lr)
+    done = run_phase("grpo", cfg, run, model, wrapped, opt, cfg.rl_steps, cfg.rl_lr,
+                     lambda step: grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp), {}, warmup=0)
+    if not done:
+        return print0(f"stopped after --max-steps {cfg.max_steps} in the GRPO phase; continue with --resume")
+    report("grpo", cfg.rl_steps)
+    print0(f"run folder: {run} (sft.pt, grpo.pt, metrics.jsonl, rewards.png, tools.png, eval_stage2.json)")
+
+
+def evaluate_stage2(cfg, run, model, vq, tok, device, phase, step):
+    """Held-out evaluation of every answering mode (cooper.evaluate_modes) into metrics.jsonl, eval_stage2.json, the
+    tool-usage chart and the printed table (rank 0 only)."""
+    if DDP_RANK != 0:
+        return None
+    model.eval()
+    m = cooper.evaluate_modes(cooper.Cooper(model, vq, tok, device), n=cfg.n_eval2, seed=cfg.seed)
+    model.train()
+    MetricsLog(os.path.join(run, "metrics.jsonl")).write({"phase": "eval2", "after": phase, "step": step, **m})
+    atomic_write_text(json.dumps(m, indent=1), os.path.join(run, "eval_stage2.json"))
+    cooper.tool_chart(m).save(os.path.join(run, "tools.png"))
+    print0(f"\nevaluation after {phase} on {cfg.n_eval2} held-out scenes:\n" + cooper.format_modes(m))
+    plot_curves(os.path.join(run, "metrics.jsonl"), os.path.join(run, "loss.png"))
     return m
 
 
@@ -689,7 +970,9 @@ def prepare_run(cfg):
                 sys.exit(f"error: --tokenizer-from {cfg.tokenizer_from}: no {f} there")
             shutil.copyfile(src, os.path.join(run, f))
     if DDP_RANK == 0:
-        atomic_write_text(json.dumps({"train": asdict(cfg), "model": asdict(PRESETS[cfg.preset])}, indent=1), os.path.join(run, "config.json"))
+        name = "config.json" if cfg.stage == 1 else "config_stage2.json"  # stage 2 may share stage 1's folder
+        atomic_write_text(json.dumps({"train": asdict(cfg), "model": asdict(PRESETS[cfg.preset])}, indent=1),
+                          os.path.join(run, name))
     barrier()
     return run
 
@@ -697,11 +980,7 @@ def prepare_run(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        if cfg.stage == 1:
-            stage1(cfg)
-        else:
-            sys.exit("error: --stage 2 (SFT then GRPO) has no training loop yet; its objective is train.grpo_loss and "
-                     "its reward is reward.cpr_rewards. Run --stage 1.")
+        stage1(cfg) if cfg.stage == 1 else stage2(cfg)
     except cooper.RunError as e:  # e.g. a checkpoint written by another version of model.py
         sys.exit(f"error: {e}")
     finally:

@@ -1,5 +1,6 @@
 """Tests of cooper.py: evaluation metrics against hand-computed values, and the user API / command line on a
 miniature run. Run: python -m pytest tests/test_cooper.py"""
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from PIL import Image
 import cooper
 import data
 import train
+from conftest import FAST
 from model import PRESETS, UnifiedTransformer, VQTokenizer
 
 
@@ -112,18 +114,29 @@ def test_evaluate_uses_the_models_image_size(tiny_run):
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     torch.manual_seed(0)
     cfg = replace(PRESETS["tiny"], image_size=32, text_vocab=tok.get_vocab_size())  # 4×4 codes per image
-    m, samples = cooper.evaluate(cooper.Cooper(UnifiedTransformer(cfg), VQTokenizer(cfg), tok), n=2, vqa=False)
+    m, samples = cooper.evaluate(cooper.Cooper(UnifiedTransformer(cfg), VQTokenizer(cfg), tok), n=2, n_vqa=0)
     assert samples["rgb"].shape == (2, 32, 32, 3) and samples["gen_depth"].shape == samples["gen_seg"].shape == (2, 32, 32)
     assert 0 <= m["seg/pixel_acc"] <= 1
 
 
-def test_vqa_probe_script(tiny_run, tmp_path):
-    """docs/vqa_probe.py (the README's VQA diagnosis) runs on a finished run and prints its three measurements; a
-    folder that is not a run gives a one-line error."""
-    probe = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "vqa_probe.py")]
-    r = subprocess.run(probe + ["--run", tiny_run, "--scenes", "16", "--steps", "2", "--every", "1"],
-                       capture_output=True, text=True, timeout=300)
+def test_perception_scripts(tiny_run, tmp_path):
+    """docs/lookup_probe.py trains and scores a fresh model on chosen categories (with a curriculum switch) and prints
+    held-out and blind accuracy per category; docs/vqa_curves.py runs the recipe as train.py runs and summarises their
+    evaluations into curves.json and curves.png; a folder that is not a run gives a one-line error."""
+    docs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs")
+    r = subprocess.run([sys.executable, os.path.join(docs, "lookup_probe.py"), "--run", tiny_run, "--tasks", "locate",
+                        "--then", "existence,relative_distance", "--switch", "1", "--steps", "2", "--eval-every", "2",
+                        "--n-train", "8", "--batch", "4"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("held-out acc") == 3 and "linear" in r.stdout and "MLP" in r.stdout
-    r = subprocess.run(probe + ["--run", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "has no" in r.stderr and "python train.py" in r.stderr
+    assert r.stdout.count("EVAL") == 2 and "existence" in r.stdout and "(blind" in r.stdout
+    r = subprocess.run([sys.executable, os.path.join(docs, "lookup_probe.py"), "--run", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "python train.py" in r.stderr
+    out = str(tmp_path / "curves")
+    r = subprocess.run([sys.executable, os.path.join(docs, "vqa_curves.py"), "--tokenizer-from", tiny_run, "--out", out,
+                        "--variants", "recipe", "--seeds", "0", "--eval-every", "3", "--"] + FAST,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "recipe: held-out score" in r.stdout and os.path.getsize(os.path.join(out, "curves.png")) > 0
+    curves = json.load(open(os.path.join(out, "curves.json")))
+    assert [p["step"] for p in curves["recipe"]["locate"]] == [3, 6]

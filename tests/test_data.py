@@ -1,5 +1,6 @@
 """Tests for data.py: encodings, the ray-cast world, questions, trajectories, sequence layout, tokenizer,
 and the folder loader. Run: python -m pytest tests/test_data.py"""
+import dataclasses
 import json
 import math
 import re
@@ -56,6 +57,7 @@ def surface_error(o, pts_world):
 
 
 # ----------------------------------------------------------------------------- encodings
+@pytest.mark.exercise1
 def test_depth_round_trip_within_half_grey_level():
     """rgb_to_depth(depth_to_rgb(d)) is within half a grey level (MAX_DEPTH / 510) of clamp(d); grey
     channels are equal; batched input keeps its shape."""
@@ -69,6 +71,7 @@ def test_depth_round_trip_within_half_grey_level():
     assert data.depth_to_rgb(np.array([[0.0, data.MAX_DEPTH]]))[0, :, 0].tolist() == [0, 255]  # linear ends
 
 
+@pytest.mark.exercise1
 def test_seg_round_trip_exact_and_noise_robust():
     """rgb_to_seg(seg_to_rgb(s)) == s for every palette id, also after +-25 colour noise; palette colours
     are at least 120 apart (so the noise can never reach another colour's half-distance)."""
@@ -121,17 +124,18 @@ def test_scene_deterministic_and_splits_disjoint():
 
 
 def test_scene_contents(scenes):
-    """Types and shapes; 2-6 objects of the allowed shapes/colours, 2-14 m away, on the ground, with
+    """Types and shapes; 2-6 objects of the allowed shapes and of different colours, 2-9 m away, on the ground, with
     non-overlapping footprints; `pixels` equals the mask count and is >= MIN_PIXELS; sky = MAX_DEPTH."""
     for s in scenes:
         assert s.rgb.shape == (64, 64, 3) and s.rgb.dtype == np.uint8
         assert s.depth.dtype == np.float32 and s.seg.shape == (64, 64)
         assert 2 <= len(s.objects) <= 6 and s.seg.max() == len(s.objects)
         assert s.depth.max() <= data.MAX_DEPTH and (s.depth[0] == data.MAX_DEPTH).all()   # top row: sky
+        assert len({o.color for o in s.objects}) == len(s.objects)                         # one object a colour
         for i, o in enumerate(s.objects):
             assert o.shape in data.SHAPES and o.color in data.COLORS
             assert o.pixels == (s.seg == i + 1).sum() >= data.MIN_PIXELS
-            assert 2 <= o.distance <= 14 and math.isclose(o.distance, np.linalg.norm(o.position), rel_tol=1e-9)
+            assert 2 <= o.distance <= 9 and math.isclose(o.distance, np.linalg.norm(o.position), rel_tol=1e-9)
             assert to_world(np.array(o.position))[2] == pytest.approx(o.height / 2, abs=1e-9)  # rests on ground
             foot = o.width / math.sqrt(2) if o.shape == "cube" else o.width / 2
             for p in s.objects[i + 1:]:
@@ -174,16 +178,16 @@ def test_flip_scene_consistent(scenes):
 
 # ----------------------------------------------------------------------------- questions
 def parse_pair(text):
-    m = re.search(r"\(A\) the (\w+ \w+) \(B\) the (\w+ \w+)", text)
+    m = re.search(r"\(A\) the (\w+) object \(B\) the (\w+) object", text)
     return m.group(1), m.group(2)
 
 
 def check_answer(s, q):
-    """Recompute the answer of q from the scene's 3-D metadata alone."""
-    by_name = {o.name: o for o in s.objects}
+    """Recompute the answer of q from the scene's 3-D metadata alone (objects are named by their colour)."""
+    by_color = {o.color: o for o in s.objects}
     fx, _, cx, _ = s.intrinsics
     if q.category in ("relative_distance", "relative_size"):
-        a, b = (by_name[n] for n in parse_pair(q.text))
+        a, b = (by_color[n] for n in parse_pair(q.text))
         if q.category == "relative_distance":
             assert max(a.distance, b.distance) >= 1.1 * min(a.distance, b.distance)
             return "A" if a.distance < b.distance else "B"
@@ -193,44 +197,39 @@ def check_answer(s, q):
         assert max(va, vb) >= 1.5 * min(va, vb)
         return "A" if va > vb else "B"
     if q.category == "distance":
-        o = by_name[re.search(r"the (\w+ \w+) from", q.text).group(1)]
+        o = by_color[re.search(r"the (\w+) object from", q.text).group(1)]
         return f"{math.sqrt(sum(x * x for x in o.position)):.1f}"
     if q.category == "height":
-        o = by_name[re.search(r"the (\w+ \w+),", q.text).group(1)]
+        o = by_color[re.search(r"the (\w+) object,", q.text).group(1)]
         return f"{o.height:.1f}"
     if q.category == "count":
         what = re.search(r"How many (.+) are there", q.text).group(1)
-        keep = {"objects": lambda o: True}.get(what) or (
-            (lambda o: o.shape + "s" == what) if what.endswith("s") and what[:-1] in data.SHAPES
-            else (lambda o: o.color == what.split()[0]))
-        return str(sum(keep(o) for o in s.objects))
+        return str(sum(what == "objects" or o.shape + "s" == what for o in s.objects))
     if q.category == "left_right":
-        a, b = (by_name[n] for n in re.search(r"Is the (\w+ \w+) to the left of the (\w+ \w+)", q.text).groups())
+        a, b = (by_color[n] for n in re.search(r"Is the (\w+) object to the left of the (\w+) object", q.text).groups())
         ua, ub = (fx * o.position[0] / o.position[2] + cx for o in (a, b))
         assert abs(ua - ub) >= 4
         return "yes" if ua < ub else "no"
     if q.category == "existence":
-        return "yes" if re.search(r"Is there an? (\w+ \w+) in", q.text).group(1) in by_name else "no"
+        return "yes" if re.search(r"Is there an? (\w+) object in", q.text).group(1) in by_color else "no"
     if q.category == "attribute":
         color, shape = re.search(r"Is the (\w+) object an? (\w+)\?", q.text).groups()
-        same = [o for o in s.objects if o.color == color]
-        assert len(same) == 1
-        return "yes" if same[0].shape == shape else "no"
+        assert by_color[color].pixels >= data.SHAPE_PIXELS  # shape is asked only where the code grid can show it
+        return "yes" if by_color[color].shape == shape else "no"
     raise AssertionError(q.category)
 
 
 def test_answers_match_3d_ground_truth(scenes):
-    """Each question's answer equals the one recomputed from the 3-D metadata; named objects are unique
-    in their scene; kind / flag / tool are valid; every category occurs."""
+    """Each question's answer equals the one recomputed from the 3-D metadata; the objects it refers to are named
+    by their colour; kind / flag / tool are valid; every category occurs."""
     rng, seen = np.random.default_rng(0), set()
     for s in scenes:
-        names = [o.name for o in s.objects]
         for q in data.make_questions(s, rng):
             seen.add(q.category)
             assert q.kind == data.CATEGORY_INFO[q.category][0] and q.flag in ("positive", "negative", "boundary")
             assert q.tool in ("depth", "segmentation", None)
             for i in q.objects if q.category not in ("count", "existence", "attribute") else []:
-                assert names.count(names[i]) == 1 and names[i] in q.text
+                assert f"the {s.objects[i].color} object" in q.text
             assert check_answer(s, q) == q.answer, (s.seed, q)
     assert seen == set(data.CATEGORIES) and len(seen) >= 7
 
@@ -248,13 +247,50 @@ def test_answers_balanced():
         assert 0.4 <= np.mean(v) <= 0.6 and len(v) > 200, (key, np.mean(v))
 
 
+def test_grounding_questions():
+    """locate answers the cell (from 1) holding the centroid of the object's visible pixels; identify asks about a cell
+    that the named object covers at least half of; both are exact-match kinds."""
+    rng, n = np.random.default_rng(3), 0
+    for k in range(30):
+        s = data.make_scene(data.scene_seed("val", k))
+        for q in data.grounding_questions(s, rng):
+            n += 1
+            (i,) = q.objects
+            o = s.objects[i]
+            if q.category == "locate":
+                assert q.text == f"Where is the {o.color} object? Give its cell." and q.kind == "cell"
+                v, u = np.nonzero(s.seg == i + 1)
+                assert q.answer == f"row {int(v.mean()) // 8 + 1}, column {int(u.mean()) // 8 + 1}"
+            else:
+                r, c = map(int, re.search(r"row (\d), column (\d)", q.text).groups())
+                assert q.answer == o.color and q.kind == "word"
+                assert (s.seg[8 * (r - 1):8 * r, 8 * (c - 1):8 * c] == i + 1).sum() >= 32
+    assert n >= 55
+
+
 def test_chance_levels():
-    """Choice and yes/no chance is 0.5; count chance equals the most frequent count's share, recounted."""
-    assert data.chance("relative_distance") == 0.5 and data.chance("existence") == 0.5
-    rng = np.random.default_rng(0)
-    counts = [q.answer for k in range(30) for q in data.make_questions(data.make_scene(data.scene_seed("val", k)), rng)
-              if q.category == "count"]
-    assert data.chance("count", n_scenes=30) == pytest.approx(max(map(counts.count, set(counts))) / len(counts))
+    """The chance level is the wording prior's score: colour words never change a question's wording key; the prior's
+    answer for a wording is the best one on the training scenes it was fitted on (recounted here for the counting
+    wordings); chance equals the mean score of the prior's answers on the validation questions (recomputed)."""
+    q = data.make_questions(data.make_scene(data.scene_seed("val", 0)), np.random.default_rng(0))[0]
+    assert data.wording(q) == data.wording(dataclasses.replace(q, text=q.text.replace(q.text.split()[-2], "pink")))
+    rng, seen = np.random.default_rng(0), {}
+    for k in range(1000):  # the prior's fitting set: benchmark and grounding questions of 1,000 training scenes
+        s = data.make_scene(data.scene_seed("train", k))
+        for x in data.make_questions(s, rng) + data.grounding_questions(s, rng):
+            if x.category == "count":
+                seen.setdefault(x.text, []).append(x.answer)
+    for text, answers in seen.items():
+        best = max(set(answers), key=answers.count)
+        x = data.Question(text, "0", "count", "count", "positive", "segmentation")
+        assert answers.count(data.prior_answer(x)) == answers.count(best), text
+    rng, hits = np.random.default_rng(0), []
+    for k in range(30):
+        s = data.make_scene(data.scene_seed("val", k))
+        hits += [data.answer_score(data.prior_answer(x), x) for x in data.make_questions(s, rng)
+                 + data.grounding_questions(s, rng) if x.category == "distance"]
+    assert data.chance("distance", n_scenes=30) == pytest.approx(np.mean(hits))
+    assert 0.4 <= data.chance("existence") <= 0.6 and 0.4 <= data.chance("relative_distance") <= 0.6
     assert 0 < data.chance("distance", n_scenes=30) < data.chance("distance", "qspatial", n_scenes=30) <= 1
 
 
@@ -328,6 +364,7 @@ def test_load_tokenizer_errors(tmp_path):
         data.load_tokenizer(bad)
 
 
+@pytest.mark.exercise7
 def test_encode_segments_layout_and_loss(tok):
     """Image blocks are <|vision_start|> offset+codes <|vision_end|>; AMG puts loss on exactly the target
     codes and <|vision_end|>; VQA and trajectories put loss on exactly the model's text, which decodes
@@ -335,12 +372,14 @@ def test_encode_segments_layout_and_loss(tok):
     V = tok.get_vocab_size()
     codes = {k: np.arange(16).reshape(4, 4) + 10 * j for j, k in enumerate(("rgb", "depth", "segmentation"))}
     ids, mask = data.encode_segments(data.amg_segments("depth"), tok, V, codes)
-    assert len(ids) == len(mask) and ids[0] == data.IM_START and ids[1] == data.VISION_START
-    assert ids[2:18] == [V + c for c in range(16)] and ids[18] == data.VISION_END
+    vs = ids.index(data.VISION_START)  # instruction first, then the image (question-first layout)
+    assert len(ids) == len(mask) and ids[0] == data.IM_START
+    assert tok.decode(ids[1:vs], skip_special_tokens=False) == data.DEPTH_PROMPT
+    assert ids[vs + 1:vs + 17] == [V + c for c in range(16)] and ids[vs + 17] == data.VISION_END
+    assert ids[vs + 18:vs + 20] == [data.IM_END, data.IM_START]
     tgt = [i for i, m in zip(ids, mask) if m]
     assert tgt == [V + 10 + c for c in range(16)] + [data.VISION_END]
-    assert ids[-1] == data.IM_END and not mask[-1]
-    assert tok.decode(ids[19:ids.index(data.IM_END)], skip_special_tokens=False) == data.DEPTH_PROMPT
+    assert ids[-1] == data.IM_END and not mask[-1] and not any(mask[:vs + 21])
     s = data.make_scene(2)
     rng = np.random.default_rng(0)
     for q in data.make_questions(s, rng)[:4]:

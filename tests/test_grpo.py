@@ -43,6 +43,7 @@ def leaf(x):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.exercise9
 def test_off_policy_hand_values(loss_type):
     """Off-policy ratios clipped low and high: loss, gradient and stats equal the hand-computed numbers."""
     logps = leaf(OLD + DELTA)
@@ -64,6 +65,7 @@ def test_off_policy_hand_values(loss_type):
     # dr_grpo: 1 / 6, grads -A/6.
     ("dr_grpo", 1 / 6, [[-1 / 6] * 3, [1 / 3, 1 / 3, 0]]),
 ])
+@pytest.mark.exercise9
 def test_on_policy_hand_values(loss_type, value, grad):
     """On-policy (old = current): ratio 1, nothing clipped, loss = -weighted mean A, grad = -A x weight."""
     logps = leaf(OLD)
@@ -74,6 +76,7 @@ def test_on_policy_hand_values(loss_type, value, grad):
     assert stats["clip_low_frac"] == 0.0 and stats["clip_high_frac"] == 0.0 and stats["ratio_mean"] == 1.0
 
 
+@pytest.mark.exercise9
 def test_clip_higher_asymmetric_eps():
     """DAPO clip-higher: eps_high = 0.6 lets r = 1.5 through for A > 0 (hand value 0.3, no high clips)."""
     # r0t0 is now -1.5 instead of -1.2; r1t1 with A < 0 is unchanged (min(-3, 1.5 * -2) = -3).
@@ -83,6 +86,7 @@ def test_clip_higher_asymmetric_eps():
     assert stats["clip_high_frac"] == 0.0 and stats["clip_low_frac"] == pytest.approx(0.2)
 
 
+@pytest.mark.exercise9
 def test_clip_fractions_follow_the_advantage_sign():
     """With A = [+1, +1] only the high side can clip: r = 1.5 twice -> clip_high 2/5, clip_low 0 (r = 0.5 twice
     is below 0.8 but with A > 0 the unclipped term is the minimum). grpo = (-2.8/3 + (-0.5 - 1.2)/2) / 2."""
@@ -91,6 +95,7 @@ def test_clip_fractions_follow_the_advantage_sign():
     assert loss.item() == pytest.approx((-2.8 / 3 - 0.85) / 2, abs=1e-9)  # -0.891667
 
 
+@pytest.mark.exercise9
 def test_kl_penalty_k3_hand_values():
     """beta = 0.1, ref - logp = ln 2 at r0t0 and -ln 2 at r1t1: k3 = 0.306853 and 0.193147 (sum exactly 0.5)."""
     ref = OLD + DELTA
@@ -111,6 +116,7 @@ def test_kl_penalty_k3_hand_values():
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.exercise9
 def test_garbage_in_padding_does_not_matter(loss_type):
     """NaN / inf in masked positions of every input change neither loss nor stats, and get exactly zero grad."""
     clean = leaf(OLD + DELTA)
@@ -129,6 +135,7 @@ def test_garbage_in_padding_does_not_matter(loss_type):
     assert torch.equal(dirty.grad, clean.grad)
 
 
+@pytest.mark.exercise9
 def test_empty_sequence_and_empty_batch():
     """A row with no masked tokens adds 0 but counts in the 1/G of "grpo"; an all-empty batch gives loss 0, grad 0."""
     mask = MASK.clone()
@@ -147,6 +154,7 @@ def test_empty_sequence_and_empty_batch():
         assert all(math.isfinite(v) for v in stats.values())
 
 
+@pytest.mark.exercise9
 def test_zero_variance_group_gives_zero_loss_and_gradient():
     """All rollouts of a group scored alike: advantages exactly 0, so loss and gradient are 0, with no NaN."""
     adv = group_advantages(torch.full((4,), 1.2, dtype=torch.float64), group_size=4)
@@ -157,6 +165,7 @@ def test_zero_variance_group_gives_zero_loss_and_gradient():
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.exercise9
 def test_on_policy_gradient_equals_reinforce(loss_type):
     """Toy softmax policy (float64): on-policy GRPO gradient wrt the weights == the REINFORCE gradient
     -sum_{i,t} w_{i,t} A_i grad log pi(token), with w the aggregation weight, for each loss type."""
@@ -191,6 +200,7 @@ def test_on_policy_gradient_equals_reinforce(loss_type):
     assert torch.allclose(g2, g_reinforce, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.exercise9
 def test_low_precision_inputs_and_bad_type():
     """bf16 log-probs give a float32 loss equal to the float64 one within bf16 rounding; unknown type raises."""
     loss32, _ = grpo_loss((OLD + DELTA).bfloat16(), OLD.bfloat16(), ADV.bfloat16(), MASK)

@@ -65,6 +65,7 @@ def test_fused_matches_float64_naive(case, device):
         assert torch.allclose(a, b, atol=1e-10, rtol=0), f"{name}: max err {(a - b).abs().max():.2e}"
 
 
+@pytest.mark.exercise3
 def test_reference_hand_computed():
     """The naive reference on a 2-token, hs=1 example computed by hand: causal row 0 copies v0; row 1
     mixes v0 and v1 with softmax weights of the scores q1·k0 = 0 and q1·k1 = 1 (hs = 1, so τ = 1)."""
@@ -149,6 +150,7 @@ def test_partial_requires_grad():
     assert torch.allclose(dk, want[2], atol=1e-10) and torch.allclose(dv, want[3], atol=1e-10)
 
 
+@pytest.mark.exercise4
 def test_kv_cache_alignment():
     """Bottom-right causal alignment: attending the last Tq queries to all Tk keys equals the last Tq rows
     of full causal self-attention (what a KV cache must reproduce), for prefill chunks and one-token steps."""

@@ -30,6 +30,7 @@ def rand_ids(cfg, B, T, seed=1):
 # ---------------------------------------------------------------------------------------------------------- VQ
 
 
+@pytest.mark.exercise2
 def test_vq_gradient_routing():
     """Codebook loss reaches only the codebook, commitment only the encoder, and the reconstruction loss reaches the
     encoder (through the straight-through step) and decoder but never the codebook."""
@@ -48,6 +49,7 @@ def test_vq_gradient_routing():
     assert torch.allclose(losses["loss"], losses["rec"] + losses["codebook"] + losses["commit"])
 
 
+@pytest.mark.exercise2
 def test_vq_straight_through_and_beta():
     """quantize(): the forward value is the nearest unit code (checked against a float64 brute-force search), the
     gradient w.r.t. z_e is the upstream gradient unchanged, and commit = β · codebook term in value."""
@@ -111,12 +113,13 @@ def test_dead_code_restart():
 
 def test_tiny_preset_forward_backward():
     """The tiny preset runs forward and backward on CPU with the fused kernel: logits (B,T,V), initial loss near
-    ln V (near-uniform predictions), finite gradients reaching every parameter."""
+    ln V (near-uniform predictions), finite gradients reaching every parameter (the understanding path's too)."""
     torch.manual_seed(0)
     cfg = replace(PRESETS["tiny"], attn_impl="fused")
     model = UnifiedTransformer(cfg)
     idx = rand_ids(cfg, 2, 40)
-    logits, loss = model(idx, targets=idx.roll(-1, 1))
+    pixels = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    logits, loss = model(idx, targets=idx.roll(-1, 1), pixels=pixels)
     assert logits.shape == (2, 40, cfg.vocab_size)
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.3
     loss.backward()
@@ -161,21 +164,51 @@ def test_kv_cache_matches_full_forward(impl, mot):
 
 
 def test_image_positions_2d():
-    """Each image code gets pos2d[k], k = its index in its block (raster order); text gets nothing; the same through
+    """Each image code's place k is its index in its block (raster order), text gets 0 and no pos2d; the same through
     the KV cache fed one token at a time, and the logits then match the full forward."""
     model = make()
     with torch.no_grad():
         model.pos2d.normal_()  # zero at initialisation; make it visible
     V = TCFG.image_offset
     idx = torch.tensor([[1, VS, V + 5, V + 6, V + 7, V + 8, VE, 9, VS, V + 1, V + 2, V + 3, V + 4, VE, 7]])
-    is_img = idx >= V
-    pos = model.image_positions(idx, is_img, 0, None)  # (1, T, C)
-    want = [None, None, 0, 1, 2, 3, None, None, None, 0, 1, 2, 3, None, None]
-    for t, k in enumerate(want):
-        torch.testing.assert_close(pos[0, t], torch.zeros(TCFG.n_embd) if k is None else model.pos2d[k])
-    full = model(idx)[0]
+    k = model.image_index(idx, idx >= V, 0, None)  # (1, T)
+    assert k[0].tolist() == [0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 1, 2, 3, 0, 0]
+    with torch.no_grad():  # pos2d enters the input of image codes only: zero it and only their logits change
+        full = model(idx)[0]
+        saved = model.pos2d.clone()
+        model.pos2d.zero_()
+        changed = (model(idx)[0] - full).abs().amax(-1)[0] > 0  # (T,)
+        model.pos2d.copy_(saved)
+    assert changed.tolist() == [False, False] + [True] * 13  # from the first code on, causally
     cache = model.new_cache(1, idx.shape[1])
     steps = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(3, idx.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_embedding_reaches_the_first_image_only():
+    """The understanding path adds PatchEmbed(pixels)[k] to code k of the first image block and nothing elsewhere
+    (a generated map after it stays codes only); a KV-cached decode with the pixels on the prompt equals the full
+    forward with them; the tokens before the image do not depend on the pixels."""
+    model = make()
+    V, g = TCFG.image_offset, TCFG.grid
+    n = TCFG.image_tokens
+    idx = torch.cat([torch.tensor([1, VS]), V + torch.arange(n), torch.tensor([VE, 9, VS]), V + torch.arange(n),
+                     torch.tensor([VE, 7])])[None]  # (1, T): text, image 1, text, image 2 (a generated map), text
+    pixels = torch.rand(1, 3, TCFG.image_size, TCFG.image_size) * 2 - 1
+    is_img = idx >= V
+    add = model.patch(pixels, is_img, model.image_index(idx, is_img, 0, None))[0]  # (T, C)
+    p = TCFG.vq_downsample
+    for k in (0, 1, n - 1):  # code k of the first block gets the features of patch (k // g, k % g)
+        patch = pixels[0, :, (k // g) * p:(k // g + 1) * p, (k % g) * p:(k % g + 1) * p].reshape(-1)  # (3·p·p,) c, y, x
+        torch.testing.assert_close(add[2 + k], model.patch.fc2(F.gelu(model.patch.fc1(patch))))
+    assert add[:2].abs().sum() == 0 and add[2 + n:].abs().sum() == 0
+    with torch.no_grad():
+        full = model(idx, pixels=pixels)[0]
+        assert torch.equal(full[0, :2], model(idx)[0][0, :2])
+        cache = model.new_cache(1, idx.shape[1])
+        cut = 2 + n + 4  # the prompt ends inside the second image block
+        steps = [model(idx[:, :cut], cache=cache, pixels=pixels)[0]]
+        steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(cut, idx.shape[1])]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -248,10 +281,11 @@ def test_mot_routing():
 def test_grad_checkpointing_same_gradients():
     """cfg.grad_ckpt recomputes blocks in backward but gives the same loss and gradients."""
     idx = rand_ids(TCFG, 2, 16)
+    pixels = torch.rand(2, 3, TCFG.image_size, TCFG.image_size) * 2 - 1
     res = []
     for ckpt in (False, True):
         model = make(grad_ckpt=ckpt, mot=True).train()
-        loss = model(idx, targets=idx.roll(-1, 1))[1]
+        loss = model(idx, targets=idx.roll(-1, 1), pixels=pixels)[1]
         loss.backward()
         res.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(res[0][0], res[1][0])
@@ -279,15 +313,14 @@ def check_modality(cfg, tokens, start_in_block=False):
 
 
 def test_generate_obeys_modality_constraints():
-    """Sampling from a random model (half of whose mass sits on image codes) while <|vision_start|> is forced every
-    5th generated token: every image block has exactly h·w codes closed by <|vision_end|>, no code appears outside
-    a block, forced tokens are marked not-sampled, and finished sequences are padded with stop_id."""
+    """Sampling from a random model (half of whose mass sits on image codes) while <|vision_start|> is forced after
+    any of 25 text ids and three tokens after every <|vision_end|>: every image block has exactly h·w codes closed by
+    <|vision_end|>, no code appears outside a block, forced tokens come in order and are marked not-sampled, and
+    finished sequences are padded with stop_id."""
     model = make(mot=True)
     prompt = torch.randint(5, TCFG.text_vocab, (4, 6), generator=torch.Generator().manual_seed(0))
     prompt[3, -1] = VS  # this prompt ends inside an image block
-
-    def force(b, gen):  # asks for an image every 5 tokens, even inside an open block (then it must wait)
-        return [VS] if len(gen) % 5 == 0 else []
+    force = {**{t: [VS] for t in range(5, 30)}, VE: [40, 41, 42]}
     out = model.generate(prompt, 60, temperature=1.0, vision_start=VS, vision_end=VE, stop_id=STOP, force=force,
                          generator=torch.Generator().manual_seed(0))
     toks, sampled = out["tokens"], out["sampled"]
@@ -298,7 +331,12 @@ def test_generate_obeys_modality_constraints():
         check_modality(TCFG, gen, start_in_block=(b == 3))
         n_blocks += gen.count(VS)
         assert all(not sampled[b, i] for i, t in enumerate(gen) if t == VE)
-        n_forced += sum(1 for i, t in enumerate(gen) if t == VS and not sampled[b, i])
+        for i, t in enumerate(gen[:-1]):
+            if 5 <= t < 30 and out["mask"][b, 7 + i]:  # a trigger: <|vision_start|> follows, forced
+                assert gen[i + 1] == VS and not sampled[b, i + 1]
+                n_forced += 1
+            if t == VE and i + 3 < len(gen) and out["mask"][b, 9 + i]:
+                assert gen[i + 1:i + 4] == [40, 41, 42] and not sampled[b, i + 1:i + 4].any()
         if STOP in gen:  # everything after the stop is padding, never sampled
             s = gen.index(STOP)
             assert all(t == STOP for t in gen[s:]) and not sampled[b, s + 1:].any()
@@ -306,21 +344,43 @@ def test_generate_obeys_modality_constraints():
     assert n_blocks >= 4 and n_forced >= 2
 
 
+def test_generate_ban_and_turn_cap():
+    """ban={id: n} keeps those ids from being sampled once n image blocks were generated; turn_cap finishes a sequence
+    that samples more than turn_cap text tokens in one turn; a forced <|vision_start|> opens a block either way."""
+    model = make()
+    prompt = torch.randint(5, TCFG.text_vocab, (8, 4), generator=torch.Generator().manual_seed(4))
+    kw = dict(temperature=1.0, vision_start=VS, vision_end=VE, stop_id=STOP, generator=torch.Generator().manual_seed(1))
+    banned = list(range(10, 40))
+    out = model.generate(prompt, 40, force={t: [VS] for t in range(40, 64)}, ban={t: 1 for t in banned}, **kw)
+    n_after = 0
+    for b in range(8):
+        gen, samp = out["tokens"][b, 4:].tolist(), out["sampled"][b].tolist()
+        first_ve = gen.index(VE) if VE in gen else len(gen)
+        n_after += sum(s for s in samp[first_ve + 1:])
+        assert not any(t in banned and s for t, s in zip(gen[first_ve + 1:], samp[first_ve + 1:]))
+    assert n_after > 20  # plenty was sampled after the first block, none of it banned
+    out = model.generate(prompt, 40, turn_cap=3, **kw)
+    text = (out["tokens"][:, 4:] < TCFG.image_offset) & out["sampled"]
+    assert text.sum(1).max() <= 4 and (out["mask"][:, 4:].sum(1) <= 4).all()
+
+
 def test_generate_greedy_matches_full_forward():
     """Greedy generation through the KV cache picks, at every sampled step, the argmax of the full-forward logits
     restricted to the allowed modality, and reports that token's log-softmax as its logp."""
     model = make()
     prompt = torch.randint(5, TCFG.text_vocab, (2, 5), generator=torch.Generator().manual_seed(1))
-    force = lambda b, gen: [VS] if len(gen) == 3 else []
+    force = {t: [VS] for t in range(5, 20)}  # an image block after any of these text ids
     out = model.generate(prompt, 16, temperature=0.0, vision_start=VS, vision_end=VE, force=force)
     toks = out["tokens"]
     full = model(toks)[0]                                                       # (B, T, V)
     for b in range(2):
+        left = -1  # codes still owed in the open image block, -1 outside one (the sampler's own state, recomputed)
         for i in range(toks.shape[1] - 5):
             t = 5 + i
+            in_block = left > 0
+            left = TCFG.image_tokens if toks[b, t] == VS else -1 if toks[b, t] == VE else left - (left > 0)
             if not out["sampled"][b, i]:
                 continue
-            in_block = 5 + 3 < t <= 5 + 3 + TCFG.image_tokens
             logits = full[b, t - 1]
             allowed = (torch.arange(TCFG.vocab_size) >= TCFG.image_offset) == in_block
             assert toks[b, t] == logits.masked_fill(~allowed, -math.inf).argmax()
@@ -346,13 +406,16 @@ def test_generate_left_padded_batch_equals_individual():
 
 def test_bagel_7b_size_on_meta_device():
     """bagel-7b built on the meta device: the parameter count equals the hand formula of a Qwen2.5-7B-shaped decoder
-    (untied embeddings over text + image codes), ≈ 7.7 B; with MoT ≈ 14.3 B total and the same ≈ 7.7 B active."""
+    (untied embeddings over text + image codes) plus the 2-D image positions and the patch embedding, ≈ 7.7 B; with
+    MoT ≈ 14.3 B total and the same ≈ 7.7 B active."""
     cfg = PRESETS["bagel-7b"]
     with torch.device("meta"):
         dense, mot = UnifiedTransformer(cfg), UnifiedTransformer(replace(cfg, mot=True))
     C, Fh, L, V, hs = 3584, 18944, 28, 152064 + cfg.codebook_size, 128
     per_expert = C * (28 + 2 * 4) * hs + 28 * hs * C + 3 * C * Fh + 2 * C + 2 * hs  # qkv, o, SwiGLU, norms
-    assert dense.num_params() == 2 * V * C + cfg.image_tokens * C + L * per_expert + C  # + the 2-D image positions
+    P = 3 * 16 * 16  # pixels of one 16×16 patch, the understanding path's input: Linear(P, 2C) → GELU → Linear(2C, C)
+    patch = P * 2 * C + 2 * C + 2 * C * C + C
+    assert dense.num_params() == 2 * V * C + cfg.image_tokens * C + patch + L * per_expert + C  # + 2-D image positions
     assert mot.num_params() == dense.num_params() + L * per_expert + C
     assert 7.5e9 < dense.num_params() < 7.9e9 and 13.9e9 < mot.num_params() < 14.5e9
     assert mot.num_params(active=True) == dense.num_params()

@@ -153,6 +153,7 @@ def test_answer_reward_malformed():
     assert R.answer_reward(ans("3"), None, "number") == 0.0 and R.answer_reward(ans("3"), "x", "count") == 0.0
 
 
+@pytest.mark.exercise8
 def test_exploration_table():
     """r_explore over one group of 8: c<3 / c=3 / c>3 against positive / negative / boundary (PAPER.md)."""
     def run(used, flag):
@@ -170,12 +171,14 @@ def test_exploration_table():
     assert run([0] * 8, "positive") == zero
 
 
+@pytest.mark.exercise8
 def test_exploration_counts_one_call_not_two():
     """Rollouts with >= 1 call count (counts 1 and 2 alike); the released code's >= 2 rule would give c = 1 here."""
     counts = [1, 1, 1, 1, 2, 0, 0, 0]    # c = 5 > 3 on a negative item
     assert R.exploration_rewards(counts, ["negative"] * 8) == [-0.2] * 5 + [0.0] * 3
 
 
+@pytest.mark.exercise8
 def test_exploration_groups_and_flag_layouts():
     """Groups are consecutive blocks; per-group and per-rollout flags give the same result; bad shapes raise."""
     used = [True, False, False, False] + [True, True, True, True]  # group 0: c = 1, group 1: c = 4
@@ -186,6 +189,7 @@ def test_exploration_groups_and_flag_layouts():
         R.exploration_rewards([1, 0, 1], ["positive"], group_size=2)
 
 
+@pytest.mark.exercise8
 def test_cpr_rewards_hand_example():
     """Totals = answer + format + explore per rollout, components returned unweighted (hand-computed group of 4)."""
     good_tool = response(T1, "<think>t</think><answer>B</answer>")   # answer 1, format 1, tool
@@ -202,6 +206,7 @@ def test_cpr_rewards_hand_example():
     assert totals_w == pytest.approx([1 + 0.5 + 0.4, 0 + 0.5 + 0.4, 1.0, 1.5])
 
 
+@pytest.mark.exercise9
 def test_group_advantages_hand_values():
     """(R - mean) / (unbiased std + eps): rewards [1,0,0,0] -> mean 0.25, std sqrt(0.75/3) = 0.5."""
     a = R.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 3.0, 1.0]), group_size=4)
@@ -212,6 +217,7 @@ def test_group_advantages_hand_values():
     assert R.group_advantages([1.0, 0.0, 0.0, 0.0], 4, scale=False).tolist() == [0.75, -0.25, -0.25, -0.25]
 
 
+@pytest.mark.exercise9
 def test_group_advantages_against_float64_stdlib():
     """Random rewards: matches statistics.mean / statistics.stdev (unbiased) computed per group in float64."""
     rng = random.Random(0)
@@ -223,6 +229,7 @@ def test_group_advantages_against_float64_stdlib():
         assert got[8 * g: 8 * g + 8].tolist() == pytest.approx([(r - m) / (s + 1e-4) for r in chunk], rel=1e-12)
 
 
+@pytest.mark.exercise9
 def test_group_advantages_degenerate_groups():
     """A zero-variance group gives exact zeros (no NaN), size-1 groups give zeros, and a list input works."""
     a = R.group_advantages([0.1] * 8 + [2.2] * 8, group_size=8)

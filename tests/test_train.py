@@ -20,8 +20,16 @@ def losses(run, phase):
     return {r["step"]: r["loss"] for r in rows if r["phase"] == phase}
 
 
-def test_every_flag_is_read():
-    """Each TrainConfig field has a flag, and passing it changes exactly that field (no flag is parsed and ignored)."""
+def test_every_flag_is_read(capsys):
+    """Each TrainConfig field has a flag whose --help line gives its comment in TrainConfig and its default, and passing
+    it changes exactly that field (no flag is parsed and ignored)."""
+    helps = train.field_help()
+    assert all(len(helps.get(f.name, "")) > 5 for f in fields(train.TrainConfig)), helps
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--vq-lr VQ_LR peak learning rate of the VQ tokenizer (default: 0.002)" in text
+    assert "the control (VQA only) (default: 0.5)" in text
     base = train.parse_args([])
     for f in fields(train.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -33,6 +41,8 @@ def test_every_flag_is_read():
             argv, want = [flag, "2"], 2
         elif f.name == "attn":
             argv, want = [flag, "sdpa"], "sdpa"
+        elif f.name == "loss_type":
+            argv, want = [flag, "dapo"], "dapo"
         elif f.type in (str, "str"):
             argv, want = [flag, "x/y"], "x/y"
         else:
