@@ -234,7 +234,9 @@ class Cooper:
     def prompts(self, codes, questions, mode):
         """Prompt ids of each (codes (h, w), question) for an answering mode (see `rollout`), and how many of their last
         ids the runtime wrote for the model (the mode's prefill: part of the response, not of the question)."""
-        prefill = {"direct": [data.ANSWER]}                                # the answer at once, no thinking
+        # the runtime opens the model's first turn: every turn starts with <think> (PAPER.md's format), and with no
+        # system prompt the stage-1 habit of answering at once would otherwise win; "direct" opens with <answer>
+        prefill = {"direct": [data.ANSWER], "interleaved": [data.THINK], "text": [data.THINK]}
         for kind in ("depth", "segmentation"):                             # the map first, always (the paper's "PE")
             prefill[kind] = self.tok.encode(f"<think>{data.PLANS[kind][0]}</think>{data.TOOL_PROMPTS[kind]}").ids
             prefill[kind] += [data.VISION_START]
@@ -524,6 +526,37 @@ def evaluate_modes(cooper, n=128, split="val", seed=0, modes=MODES, batch=256):
     return m
 
 
+@torch.no_grad()
+def evaluate_rewards(cooper, n=64, group_size=8, split="val", seed=0, temperature=1.0, turn_cap=64, batch=256):
+    """The GRPO objective on held-out prompts: one question on each of n `split` scenes, group_size interleaved
+    rollouts each, sampled as in training, scored with the CPR reward (reward.cpr_rewards, exploration within each
+    group). Returns reward/{total,answer,format,explore} means, reward_se/total (standard error over the n prompts'
+    group means) and tool_rate/{positive,negative,boundary} (share of rollouts that call a tool, per flag)."""
+    rng = np.random.default_rng([seed, 7])
+    scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
+    qs = []
+    for s in scenes:
+        cand = data.make_questions(s, rng)
+        qs.append(cand[int(rng.integers(len(cand)))])
+    idx = [k for k in range(n) for _ in range(group_size)]  # groups consecutive, as in train.py::grpo_step
+    rgb = np.stack([s.rgb for s in scenes])[idx]
+    results = []
+    for i in range(0, len(idx), batch):
+        results += cooper.rollout(rgb[i:i + batch], [qs[k].text for k in idx[i:i + batch]], "interleaved",
+                                  temperature=temperature, seed=seed + i, turn_cap=turn_cap)[0]
+    totals, comp = reward.cpr_rewards([r["text"] for r in results], [qs[k].answer for k in idx],
+                                      [qs[k].kind for k in idx], [qs[k].flag for k in idx], group_size=group_size)
+    per_prompt = np.asarray(totals, dtype=float).reshape(n, group_size).mean(1)
+    m = {"reward/total": float(per_prompt.mean()), "reward_se/total": float(per_prompt.std(ddof=1) / math.sqrt(n)),
+         **{f"reward/{k}": float(np.mean(v)) for k, v in comp.items()}}
+    used = np.array([reward.count_tool_calls(r["turns"]) > 0 for r in results])
+    for flag in ("positive", "negative", "boundary"):
+        sel = [j for j, k in enumerate(idx) if qs[k].flag == flag]
+        if sel:
+            m[f"tool_rate/{flag}"], m[f"tool_rate_n/{flag}"] = float(used[sel].mean()), len(sel)
+    return m
+
+
 def format_modes(m):
     """The stage-2 evaluation as text: score ± standard error per category and mode, format rate, tool usage."""
     modes = [x for x in MODES if f"{x}/mean" in m]
@@ -538,6 +571,11 @@ def format_modes(m):
         for c in data.CATEGORIES:
             if f"tools/{c}/none" in m:
                 lines.append(f"{c:22s} " + " ".join(f"{m[f'tools/{c}/{k}']:6.2f}" for k in ("depth", "segmentation", "none")))
+    if "reward/total" in m:
+        lines.append(f"\nCPR reward, sampled groups: total {m['reward/total']:.3f} ± {m['reward_se/total']:.3f} (answer "
+                     f"{m['reward/answer']:.3f}, format {m['reward/format']:.3f}, explore {m['reward/explore']:+.3f}); "
+                     "tool-call rate " + ", ".join(f"{f} {m[f'tool_rate/{f}']:.2f}" for f in ("positive", "negative", "boundary")
+                                                 if f"tool_rate/{f}" in m))
     return "\n".join(lines)
 
 
@@ -631,13 +669,16 @@ def build_parser():
     src.add_argument("--image", help="an RGB image file (resized to the model's input size)")
     src.add_argument("--scene", type=int, help="use test scene number SCENE of the synthetic world instead")
     a.add_argument("--question", default="", help="the question; without one, a generated question for --scene is used")
-    a.add_argument("--mode", default="direct", choices=["direct"])
-    a.add_argument("--out", default="cooper_out", help="folder for the generated maps (PNG)")
+    a.add_argument("--mode", default="", choices=("",) + MODES,
+                   help="how to answer (default: interleaved for a stage-2 run, direct for a stage-1 run)")
+    a.add_argument("--out", default="cooper_out", help="folder for the generated maps and the trajectory strip (PNG)")
     e = sub.add_parser("eval", help="evaluate a run on held-out scenes and print the table")
     e.add_argument("--run", default="runs/tiny")
     e.add_argument("--n", type=int, default=64, help="held-out scenes for the map metrics")
     e.add_argument("--n-vqa", type=int, default=256, help="held-out scenes for VQA (every question of each)")
     e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--n-modes", type=int, default=128,
+                   help="held-out scenes for the answering modes of a stage-2 run (every question, every mode)")
     for q in (a, e):
         q.add_argument("--device", default="cpu")
     return p
@@ -651,6 +692,36 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
+def stage2_run(run_dir):
+    """Whether a run folder holds a stage-2 model (sft.pt or grpo.pt), which answers with interleaved reasoning."""
+    return any(os.path.exists(os.path.join(run_dir, c)) for c in ("sft.pt", "grpo.pt"))
+
+
+def trajectory_strip(image, result, width=640):
+    """One PNG of a trajectory: the input image and each generated map in a row, the model's turns below."""
+    cells = [image] + [data.colorize_depth(m) if k == "depth" else data.seg_to_rgb(m) for k, m in result["maps"]]
+    row = np.concatenate([np.pad(c, ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], axis=1)
+    pics = Image.fromarray(row).resize((row.shape[1] * 2, row.shape[0] * 2), Image.NEAREST)
+    lines = []
+    for k, t in enumerate(result["turns"] or [result["text"]]):
+        words, cur = t.split(" "), f"turn {k + 1}:"
+        for w in words:  # wrap at ~100 characters
+            if len(cur) + len(w) > 100:
+                lines.append(cur)
+                cur = "   "
+            cur += " " + w
+        lines.append(cur)
+    page = Image.new("RGB", (max(width, pics.width), pics.height + 16 + 13 * len(lines)), "white")
+    page.paste(pics, (0, 0))
+    d = ImageDraw.Draw(page)
+    labels = ["input"] + [k for k, _ in result["maps"]]
+    for j, name in enumerate(labels):
+        d.text((j * pics.width // len(labels) + 4, pics.height + 1), name, fill="black")
+    for j, line in enumerate(lines):
+        d.text((4, pics.height + 16 + 13 * j), line, fill="black")
+    return page
+
+
 def run_command(args):
     c = Cooper.load(args.run, args.device)
     if args.cmd == "eval":
@@ -660,6 +731,14 @@ def run_command(args):
             json.dump(m, f, indent=1)
         sample_grid(samples).save(os.path.join(args.run, f"eval_{args.split}.png"))
         print(f"wrote {args.run}/eval_{args.split}.json and eval_{args.split}.png")
+        if stage2_run(args.run):
+            m = evaluate_modes(c, n=args.n_modes, split=args.split)
+            m.update(evaluate_rewards(c, n=max(2, args.n_modes // 2), split=args.split))
+            print("\n" + format_modes(m))
+            with open(os.path.join(args.run, f"eval_modes_{args.split}.json"), "w") as f:
+                json.dump(m, f, indent=1)
+            tool_chart(m).save(os.path.join(args.run, f"tools_{args.split}.png"))
+            print(f"wrote {args.run}/eval_modes_{args.split}.json and tools_{args.split}.png")
         return
     if args.image:
         img, question, truth = load_image(args.image, c.cfg.image_size), args.question, None
@@ -676,11 +755,19 @@ def run_command(args):
     Image.fromarray(img).save(os.path.join(args.out, "input.png"))
     Image.fromarray(data.colorize_depth(depth)).save(os.path.join(args.out, "depth.png"))
     Image.fromarray(data.seg_to_rgb(seg)).save(os.path.join(args.out, "segmentation.png"))
-    res = c.answer(img, question, mode=args.mode)
-    print(f"question: {question}\nmodel:    {res['text']}\nanswer:   {res['answer']}")
+    mode = args.mode or ("interleaved" if stage2_run(args.run) else "direct")
+    res = c.answer(img, question, mode=mode)
+    trajectory_strip(img, res).save(os.path.join(args.out, "trajectory.png"))
+    print(f"question: {question}\nmode:     {mode}")
+    for k, t in enumerate(res["turns"] or [res["text"]]):
+        print(f"turn {k + 1}:   {t}")
+    for kind, _ in res["maps"]:
+        print(f"          (drew a {kind} map)")
+    print(f"answer:   {res['answer']}")
     if truth is not None:
         print(f"truth:    {truth}")
-    print(f"maps:     {args.out}/depth.png (near red, far blue), {args.out}/segmentation.png")
+    print(f"pictures: {args.out}/trajectory.png (the input, each map it drew, its turns), {args.out}/depth.png "
+          f"(near red, far blue), {args.out}/segmentation.png")
 
 
 if __name__ == "__main__":

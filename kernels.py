@@ -78,7 +78,7 @@ def set_default_impl(name):
 def _visible(Tq, Tk, causal, key_padding_mask, device):
     """Bool (B or 1, 1, Tq, Tk) of the keys each query row may attend, or None when all are visible."""
     allowed = None
-    if causal:
+    if causal and Tq > 1:  # one query row sees every key (bottom-right): no mask, which keeps decoding cheap
         # bottom-right alignment: row r sees keys 0 … r + (Tk − Tq)
         rows = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
         allowed = (torch.arange(Tk, device=device)[None, :] <= rows)[None, None]  # (1, 1, Tq, Tk)
@@ -120,6 +120,8 @@ def _attention_sdpa(q, k, v, causal, key_padding_mask):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     # SDPA's is_causal aligns top-left, so pass the bottom-right mask explicitly
     allowed = _visible(Tq, Tk, causal, key_padding_mask, q.device)
+    if allowed is None:  # one query row, no padding: it sees every key
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     seen = allowed.any(-1, keepdim=True)
     # rows with no visible key attend everywhere, then are zeroed: defined output and zero gradient
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~seen, enable_gqa=gqa)

@@ -173,7 +173,7 @@ class TrainConfig:
     vq_batch: int = 16             # images per VQ step
     vq_lr: float = 2e-3            # peak learning rate of the VQ tokenizer
     # stage-1 phase: auxiliary modality generation (AMG) + direct-answer VQA
-    steps: int = 1000              # optimizer steps of the stage-1 transformer phase
+    steps: int = 6500              # optimizer steps of the stage-1 transformer phase (docs/perception.md: why so many)
     batch_size: int = 32           # sequences per optimizer step, all ranks together
     micro_batch: int = 32          # sequences per forward pass on one rank; accumulation = batch_size / (micro × ranks)
     lr: float = 2e-3               # peak learning rate (linear warm-up, then cosine)
@@ -181,17 +181,17 @@ class TrainConfig:
     warmup: int = 100              # warm-up steps of the stage-1 phase
     weight_decay: float = 0.1      # AdamW weight decay on weight matrices (not on norms and biases)
     grad_clip: float = 1.0         # clip the gradient's global norm to this
-    amg_share: float = 0.5         # share of AMG examples (depth + segmentation); 0 trains the control (VQA only)
+    amg_share: float = 0.25        # share of AMG examples (depth + segmentation); 0 trains the control (questions only)
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
-    ground_steps: int = 0          # a curriculum: for this many steps every question example is a lookup question
+    ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward
     init: str = ""                 # finished stage-1 run to start from; "" = --out (sft.pt and grpo.pt go beside stage1.pt)
     sft_steps: int = 300           # optimizer steps of the SFT phase
     sft_lr: float = 5e-4           # peak learning rate of SFT
     sft_mix: float = 0.5           # share of stage-1 examples (AMG, grounding, VQA) in SFT batches: keeps the maps trained
-    rl_steps: int = 100            # GRPO steps (each: rollouts, rewards, mu policy updates)
+    rl_steps: int = 80             # GRPO steps (each: rollouts, rewards, mu policy updates)
     rl_batch: int = 8              # prompts per GRPO step, all ranks together (each gets group_size rollouts)
     group_size: int = 8            # G rollouts per prompt (paper: 8)
     rl_lr: float = 1e-4            # paper: 3e-6 for 7 B parameters; a 1 M-parameter model moves with more
@@ -203,8 +203,9 @@ class TrainConfig:
     temperature: float = 1.0       # sampling temperature of the rollouts (paper: 1.0)
     turn_cap: int = 64             # text tokens one turn may hold; a longer turn ends the rollout
     image_pg: bool = False         # beyond the paper: policy gradient on the generated maps' codes as well
-    n_eval2: int = 128             # held-out scenes for the stage-2 evaluation (every question, every mode)
-    eval_every: int = 500          # steps between held-out VQA evaluations (the learning curve)
+    n_eval2: int = 64              # held-out scenes for the stage-2 evaluation (every question, every mode; the CPR
+                                   # reward on half as many prompts × group_size sampled rollouts)
+    eval_every: int = 1000         # steps between held-out VQA evaluations (the learning curve)
     n_eval: int = 64               # held-out scenes for the map metrics of the final evaluation
     n_vqa: int = 256               # held-out scenes for VQA (every question of each), at every evaluation
     save_every: int = 250          # steps between checkpoints (also on Ctrl-C and at the end of a phase)
@@ -253,6 +254,9 @@ def parse_args(argv=None):
         p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
     if cfg.rl_batch % DDP_WORLD:
         p.error(f"--rl-batch {cfg.rl_batch} must split evenly over {DDP_WORLD} processes (groups are never split)")
+    if cfg.stage == 1 and cfg.steps <= cfg.ground_steps and cfg.amg_share < 1:
+        print0(f"note: --steps {cfg.steps} <= --ground-steps {cfg.ground_steps}: every question trained is a lookup "
+               "(locate / existence); add --ground-steps 0 to train every category")
     cfg.out = cfg.out or os.path.join("runs", cfg.preset)
     return cfg
 
@@ -384,7 +388,8 @@ def cosine_lr(step, total, peak, floor, warmup):
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, state_extra, on_eval=None, warmup=None):
+def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, state_extra, on_eval=None, warmup=None,
+              log_every=None):
     """Train `module` (through `wrapped`, its DDP/FSDP/compiled view) for `total` optimizer steps, resuming from
     run/<name>.pt when it exists. step_fn(step) does forward + backward of one global batch and returns a stats dict
     with at least "loss". Checkpoints hold weights, optimizer, step, configs, RNG; the data position is the step."""
@@ -419,8 +424,8 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
             opt.step()
             opt.zero_grad(set_to_none=True)
             stats.update(lr=lr, grad_norm=float(gnorm), dt=time.time() - t0)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "usage", "lr", "tok/s")})
-            if (step + 1) % cfg.log_every == 0 or step + 1 == stop:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items() if k in ("loss", "reward", "tool_rate", "usage", "lr", "tok/s")})
+            if (step + 1) % (log_every or cfg.log_every) == 0 or step + 1 == stop:
                 log.write({"phase": name, "step": step + 1, **stats})
             if (step + 1) % cfg.save_every == 0:
                 save(step + 1)
@@ -536,23 +541,27 @@ def train_vq(cfg, mcfg, run, pool, device):
 
 
 LOOKUPS = ("locate", "identify", "existence")  # questions about one named object: where is it, what is there, is it there
+FINDS = ("locate", "existence")  # the lookups that must find what a word names (identify goes from place to name)
 
 
 def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
     """One training sequence of the stage-1 mixture, as (ids, loss mask, task, scene index): AMG (depth or segmentation
     generation, loss on the target codes only, as in the paper) with probability amg_share, otherwise one question with
     its answer (loss on the answer): a lookup question (LOOKUPS: "where is the red object?", "what colour is the object
-    at row r, column c?", "is there a red object?") with probability ground_share, and always before step ground_steps
-    (the curriculum), else a spatial question of any category."""
+    at row r, column c?", "is there a red object?") with probability ground_share, else a spatial question of any
+    category. Before step ground_steps (the curriculum) every question is a lookup that must find what a word names
+    (FINDS): a fresh model learns that only after tens of thousands of such questions (README, "Making the model see"),
+    and every other category needs it."""
     i = int(rng.integers(len(pool)))
     if rng.random() < cfg.amg_share:
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:
-        lookup = rng.random() < cfg.ground_share or (step is not None and step < cfg.ground_steps)
+        first = step is not None and step < cfg.ground_steps  # the curriculum's first part: find what a word names
+        lookup = first or rng.random() < cfg.ground_share
         kind = "ground" if lookup else "vqa"
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
-        qs = [q for q in qs if q.category in (LOOKUPS if lookup else data.CATEGORIES)]
+        qs = [q for q in qs if q.category in (FINDS if first else LOOKUPS if lookup else data.CATEGORIES)]
         segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
     return ids, mask, kind, i
@@ -918,7 +927,8 @@ def stage2(cfg):
     agent = cooper.Cooper(model, vq, tok, device)
     opt = optimizer(cfg.rl_lr)
     done = run_phase("grpo", cfg, run, model, wrapped, opt, cfg.rl_steps, cfg.rl_lr,
-                     lambda step: grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp), {}, warmup=0)
+                     lambda step: grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp), {}, warmup=0,
+                     log_every=1)  # every GRPO step is logged (its reward curves)
     if not done:
         return print0(f"stopped after --max-steps {cfg.max_steps} in the GRPO phase; continue with --resume")
     report("grpo", cfg.rl_steps)
@@ -931,7 +941,10 @@ def evaluate_stage2(cfg, run, model, vq, tok, device, phase, step):
     if DDP_RANK != 0:
         return None
     model.eval()
-    m = cooper.evaluate_modes(cooper.Cooper(model, vq, tok, device), n=cfg.n_eval2, seed=cfg.seed)
+    agent = cooper.Cooper(model, vq, tok, device)
+    m = cooper.evaluate_modes(agent, n=cfg.n_eval2, seed=cfg.seed)
+    m.update(cooper.evaluate_rewards(agent, n=max(2, cfg.n_eval2 // 2), group_size=cfg.group_size, seed=cfg.seed,
+                                     temperature=cfg.temperature, turn_cap=cfg.turn_cap))
     model.train()
     MetricsLog(os.path.join(run, "metrics.jsonl")).write({"phase": "eval2", "after": phase, "step": step, **m})
     atomic_write_text(json.dumps(m, indent=1), os.path.join(run, "eval_stage2.json"))

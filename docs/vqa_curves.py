@@ -5,7 +5,8 @@ tokenizers (--tokenizer-from), so the runs differ only in what the variant chang
 scenes every --eval-every steps (train.py: score ± standard error, the wording prior's chance level, and the blind
 score with another scene's image). This script starts the runs (--jobs at a time, the cores split between them;
 finished runs are reused, stopped ones resumed), then prints per category and step the mean over seeds with its
-standard error, the seeds' spread, chance and blind, and writes OUT/curves.json and OUT/curves.png.
+standard error, the seeds' spread, chance and blind, and writes OUT/curves.json, OUT/curves.png and OUT/gain_VARIANT.png
+(every category's score minus chance).
 
     python train.py --stage 1                                                    # once: runs/tiny (tokenizers)
     python docs/vqa_curves.py --tokenizer-from runs/tiny --variants recipe,control --seeds 0,1 --jobs 2
@@ -109,6 +110,11 @@ def summarise(args):
         if any(series.values()):
             charts.append(cooper.line_chart(series, title=f"{c} (held out, mean over seeds)", ylabel="score",
                                             dashed=dashed, size=(420, 230)))
+    for v in table:  # one panel per variant: every category's held-out score minus its chance level
+        gain = {c: [(p["step"], p["mean"] - p["chance"]) for p in pts] for c, pts in table[v].items() if c != "mean"}
+        zero = {"chance": [(p["step"], 0.0) for p in table[v]["mean"]]}
+        cooper.line_chart(gain, title=f"{v}: held-out score - chance, mean over seeds", ylabel="score - chance",
+                          dashed=zero, size=(640, 300)).save(os.path.join(args.out, f"gain_{v}.png"))
     if charts:
         cooper.stack_images([cooper.stack_images(charts[i:i + 1]) for i in range(len(charts))]).save(
             os.path.join(args.out, "curves.png"))

@@ -5,7 +5,7 @@ import train
 
 # flags that make a full stage-1 run take seconds: few scenes, few steps, small batches
 FAST = ["--n-train-scenes", "12", "--vq-steps", "4", "--vq-batch", "8", "--steps", "6", "--batch-size", "4",
-        "--micro-batch", "2", "--n-eval", "2", "--n-vqa", "3", "--log-every", "1", "--warmup", "2"]
+        "--micro-batch", "2", "--n-eval", "2", "--n-vqa", "3", "--log-every", "1", "--warmup", "2", "--ground-steps", "3"]
 
 
 @pytest.fixture(scope="session")

@@ -31,3 +31,17 @@ def test_readme_commands_parse():
         else:
             args = cooper.build_parser().parse_args(c[c.index("cooper.py") + 1:])
             assert args.cmd in ("ask", "eval")
+
+
+def test_readme_mapping_resolves():
+    """Every `file.py::name` the README points to is defined in that file (a class, function, method or module constant, by grep)."""
+    import re
+    root = os.path.dirname(README)
+    refs = set(re.findall(r"`(\w+\.py)::([\w.]+)`", open(README, encoding="utf-8").read()))
+    assert len(refs) > 20
+    missing = []
+    for f, name in refs:
+        src = open(os.path.join(root, f), encoding="utf-8").read()
+        if not re.search(rf"^\s*((def|class) {re.escape(name.split('.')[-1])}\b|{re.escape(name)}\s*=)", src, re.M):
+            missing.append(f"{f}::{name}")
+    assert not missing, f"README names code that does not exist: {missing}"

@@ -29,7 +29,7 @@ def test_every_flag_is_read(capsys):
         train.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--vq-lr VQ_LR peak learning rate of the VQ tokenizer (default: 0.002)" in text
-    assert "the control (VQA only) (default: 0.5)" in text
+    assert "the control (questions only) (default: 0.25)" in text
     base = train.parse_args([])
     for f in fields(train.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -132,9 +132,9 @@ def test_cosine_schedule():
     assert train.cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
 
 
-def torchrun(out, *extra):
+def torchrun(out, *extra, stage=1):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), "--stage", "1", "--out", out, "--device", "cpu", *extra] + FAST
+           os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--device", "cpu", *extra] + FAST
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        timeout=600)
     # on failure show each rank's own error lines (a crashing rank's message sits mid-stderr) and the summary
@@ -145,11 +145,15 @@ def torchrun(out, *extra):
 
 def test_ddp_and_fsdp_two_processes(tmp_path):
     """torchrun with 2 CPU processes (gloo). DDP: every phase ends with identical weights on both ranks
-    (train.check_replicas compares them bit for bit and exits with an error otherwise). FSDP (sharded transformer):
+    (train.check_replicas compares them bit for bit and exits with an error otherwise), stage 2's SFT and GRPO included. FSDP (sharded transformer):
     the same data gives the same losses as DDP up to float rounding, and the gathered checkpoint holds the weights."""
     ddp, fsdp = str(tmp_path / "ddp"), str(tmp_path / "fsdp")
     text = torchrun(ddp)
     assert "vq: weights identical on all 2 ranks" in text and "stage1: weights identical on all 2 ranks" in text
+    # stage 2 under DDP: each rank rolls out whole groups of its own prompts; SFT and GRPO end with identical weights
+    text = torchrun(ddp, "--sft-steps", "2", "--rl-steps", "2", "--rl-batch", "2", "--group-size", "2", "--n-eval2", "1",
+                    "--turn-cap", "6", stage=2)
+    assert "sft: weights identical on all 2 ranks" in text and "grpo: weights identical on all 2 ranks" in text
     torchrun(fsdp, "--fsdp", "--tokenizer-from", ddp)
     a, b = losses(ddp, "stage1"), losses(fsdp, "stage1")
     assert sorted(a) == sorted(b) == list(range(1, 7))
