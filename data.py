@@ -683,25 +683,26 @@ PLANS = {"depth": ["A depth map shows how far away each object is.", "I will est
 
 
 def _fact(scene, q):
-    """One sentence of 3-D ground truth that settles the question."""
+    """One sentence of 3-D ground truth that settles the question. Objects are named as the question names them (by
+    colour), so a model can copy the name and only has to find the value."""
     o = scene.objects
     if q.category == "relative_distance":
         a, b = q.objects if q.answer == "A" else q.objects[::-1]
-        return f"So the {o[a].name} is closer to the camera than the {o[b].name}."
+        return f"So the {o[a].ref} is closer to the camera than the {o[b].ref}."
     if q.category == "distance":
         return f"Its centre is about {q.answer} m from the camera."
     if q.category == "height":
-        return f"The {o[q.objects[0]].name} is about {q.answer} m tall."
+        return f"The {o[q.objects[0]].ref} is about {q.answer} m tall."
     if q.category == "relative_size":
         a, b = q.objects if q.answer == "A" else q.objects[::-1]
-        return f"So the {o[a].name} is bigger in 3-D than the {o[b].name}."
+        return f"So the {o[a].ref} is bigger in 3-D than the {o[b].ref}."
     if q.category == "count":
         return f"Counting {q.text[len('How many '):-len(' are there?')]}: {q.answer}."
     if q.category == "left_right":
         a, b = q.objects
-        return f"The {o[a].name} is {'left' if q.answer == 'yes' else 'right'} of the {o[b].name}."
+        return f"The {o[a].ref} is {'left' if q.answer == 'yes' else 'right'} of the {o[b].ref}."
     if q.category == "existence":
-        seen = ", ".join(_a(x.name) for x in o)
+        seen = ", ".join(_a(x.ref) for x in o)
         return f"I see {seen}; " + ("one of them matches." if q.answer == "yes" else "none of them matches.")
     if q.category == "attribute":
         x = o[q.objects[0]]
@@ -714,7 +715,7 @@ def _reading(scene, q, mode):
     o, reads = scene.objects, _map_reads(scene)
     refs = q.objects or list(range(len(o)))
     if mode == "depth":
-        parts = [f"about {reads[i][0]:.1f} m on the {o[i].name}" for i in refs[:4]]
+        parts = [f"about {reads[i][0]:.1f} m on the {o[i].ref}" for i in refs[:4]]
         s = "The depth map reads " + ", ".join(parts) + "."
         if q.category == "height" and q.objects:
             i = q.objects[0]
@@ -731,7 +732,7 @@ def _reading(scene, q, mode):
     if q.category == "count":
         s += " They are " + ", ".join(_a(x.name) for x in o) + "."
     else:
-        where = "; ".join(f"the {o[i].name} is centred near column {reads[i][1]:.0f}" for i in refs[:4])
+        where = "; ".join(f"the {o[i].ref} is centred near column {reads[i][1]:.0f}" for i in refs[:4])
         s += " " + where[0].upper() + where[1:] + "."
     return s
 

@@ -321,7 +321,7 @@ def test_trajectory_format_loss_and_map_citations(scenes):
                 if mode == "depth":
                     for i in q.objects[:4]:
                         med = np.median(s.depth[s.seg == i + 1])
-                        assert f"about {med:.1f} m on the {s.objects[i].name}" in model[-1]
+                        assert f"about {med:.1f} m on the {s.objects[i].ref}" in model[-1]
                 if mode == "segmentation":
                     assert f"shows {len(s.objects)} separate object" in model[-1]
 
