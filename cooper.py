@@ -549,12 +549,17 @@ def evaluate_rewards(cooper, n=64, group_size=8, split="val", seed=0, temperatur
     per_prompt = np.asarray(totals, dtype=float).reshape(n, group_size).mean(1)
     m = {"reward/total": float(per_prompt.mean()), "reward_se/total": float(per_prompt.std(ddof=1) / math.sqrt(n)),
          **{f"reward/{k}": float(np.mean(v)) for k, v in comp.items()}}
-    used = np.array([reward.count_tool_calls(r["turns"]) > 0 for r in results])
-    for flag in ("positive", "negative", "boundary"):
-        sel = [j for j, k in enumerate(idx) if qs[k].flag == flag]
-        if sel:
-            m[f"tool_rate/{flag}"], m[f"tool_rate_n/{flag}"] = float(used[sel].mean()), len(sel)
+    for flag, (rate, count) in tool_rates(results, [qs[k].flag for k in idx]).items():
+        m[f"tool_rate/{flag}"], m[f"tool_rate_n/{flag}"] = rate, count
     return m
+
+
+def tool_rates(results, groups):
+    """{g: (share of the rollouts in group g that call a tool, their number)}; groups: one label per rollout (its flag or
+    its category)."""
+    used = np.array([reward.count_tool_calls(r["turns"]) > 0 for r in results])
+    labels = np.array(groups)
+    return {g: (float(used[labels == g].mean()), int((labels == g).sum())) for g in dict.fromkeys(groups)}
 
 
 def format_modes(m):

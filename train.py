@@ -852,14 +852,8 @@ def grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp):
              "kl": st["kl"], "entropy": float((ent * pg).sum() / pg.sum().clamp(min=1)),
              "zero_adv_groups": float((groups == 0).all(1).float().mean()), "rollout_tok/s": n_gen / t_roll,
              "tok/s": n_gen / (time.time() - t0)}
-    for flag in ("positive", "negative", "boundary"):
-        sel = [k for k, q in enumerate(qs) if q.flag == flag]
-        if sel:
-            stats[f"tool_rate_{flag}"] = float(used[sel].mean())
-    for cat in data.CATEGORIES:
-        sel = [k for k, q in enumerate(qs) if q.category == cat]
-        if sel:
-            stats[f"tool_rate/{cat}"] = float(used[sel].mean())
+    stats.update({f"tool_rate_{f}": r for f, (r, _) in cooper.tool_rates(results, [q.flag for q in qs]).items()})
+    stats.update({f"tool_rate/{c}": r for c, (r, _) in cooper.tool_rates(results, [q.category for q in qs]).items()})
     return stats
 
 

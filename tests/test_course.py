@@ -655,7 +655,7 @@ def test_ex6_banned_ids_after_n_maps(gen_model):
 @pytest.mark.exercise6
 def test_ex6_greedy_is_the_allowed_argmax(gen_model):
     """Greedy decoding through the KV cache picks, at every sampled step, the argmax of the full forward's logits over
-    the allowed modality (image codes inside a block, text outside)."""
+    the allowed modality (image codes inside a block, text outside), and reports that id's log-softmax as its logp."""
     prompt = torch.randint(5, GEN_CFG.text_vocab, (2, 5), generator=torch.Generator().manual_seed(1))
     force = {t: [VS] for t in range(5, 40)}
     out = gen_model.generate(prompt, 16, temperature=0.0, vision_start=VS, vision_end=VE, force=force)
@@ -675,6 +675,8 @@ def test_ex6_greedy_is_the_allowed_argmax(gen_model):
             assert toks[b, t].item() == want, \
                 (f"step {i} (batch row {b}, {'inside' if in_block else 'outside'} an image block): greedy picked "
                  f"{toks[b, t].item()} but the best allowed id is {want}; allowed = (codes still owed > 0) == is_code")
+            assert math.isclose(out["logps"][b, i].item(), full[b, t - 1].log_softmax(-1)[toks[b, t]].item(), abs_tol=1e-5), \
+                f"step {i} (batch row {b}): the reported logp is not the log-softmax of the chosen id"
 
 
 # ======================================================================================================================

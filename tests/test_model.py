@@ -364,28 +364,7 @@ def test_generate_ban_and_turn_cap():
     assert text.sum(1).max() <= 4 and (out["mask"][:, 4:].sum(1) <= 4).all()
 
 
-def test_generate_greedy_matches_full_forward():
-    """Greedy generation through the KV cache picks, at every sampled step, the argmax of the full-forward logits
-    restricted to the allowed modality, and reports that token's log-softmax as its logp."""
-    model = make()
-    prompt = torch.randint(5, TCFG.text_vocab, (2, 5), generator=torch.Generator().manual_seed(1))
-    force = {t: [VS] for t in range(5, 20)}  # an image block after any of these text ids
-    out = model.generate(prompt, 16, temperature=0.0, vision_start=VS, vision_end=VE, force=force)
-    toks = out["tokens"]
-    full = model(toks)[0]                                                       # (B, T, V)
-    for b in range(2):
-        left = -1  # codes still owed in the open image block, -1 outside one (the sampler's own state, recomputed)
-        for i in range(toks.shape[1] - 5):
-            t = 5 + i
-            in_block = left > 0
-            left = TCFG.image_tokens if toks[b, t] == VS else -1 if toks[b, t] == VE else left - (left > 0)
-            if not out["sampled"][b, i]:
-                continue
-            logits = full[b, t - 1]
-            allowed = (torch.arange(TCFG.vocab_size) >= TCFG.image_offset) == in_block
-            assert toks[b, t] == logits.masked_fill(~allowed, -math.inf).argmax()
-            assert math.isclose(out["logps"][b, i].item(), logits.log_softmax(-1)[toks[b, t]].item(), abs_tol=1e-5)
-    check_modality(TCFG, toks[0, 5:].tolist())
+# greedy decoding = the allowed argmax of the full forward, with its logp: tests/test_course.py::test_ex6_greedy_is_the_allowed_argmax
 
 
 def test_generate_left_padded_batch_equals_individual():
