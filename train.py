@@ -727,10 +727,9 @@ def stage1(cfg):
     mcfg = replace(PRESETS[cfg.preset], attn_impl=attn, patch_embed=cfg.patch_embed)
     print0(f"attention kernel: {attn}" + ("" if cfg.attn else " (choose with --attn)"))
     tok_path, vq_path = os.path.join(run, "tokenizer.json"), os.path.join(run, "vq.pt")
-    if not os.path.exists(tok_path):  # the text tokenizer: byte-level BPE on the world's text, deterministic
-        if DDP_RANK == 0:
-            data.save_tokenizer(data.train_tokenizer(), tok_path)
-        barrier()
+    if DDP_RANK == 0 and not os.path.exists(tok_path):  # the text tokenizer: byte-level BPE on the world's text
+        data.save_tokenizer(data.train_tokenizer(), tok_path)
+    barrier()  # on every rank, file or not: a rank that found rank 0's fresh file once skipped it and deadlocked DDP
     tok = data.load_tokenizer(tok_path)
     mcfg.text_vocab = tok.get_vocab_size()
     pool = ScenePool(cfg.n_train_scenes, mcfg.image_size)
