@@ -729,7 +729,7 @@ def stage1(cfg):
     tok_path, vq_path = os.path.join(run, "tokenizer.json"), os.path.join(run, "vq.pt")
     if DDP_RANK == 0 and not os.path.exists(tok_path):  # the text tokenizer: byte-level BPE on the world's text
         data.save_tokenizer(data.train_tokenizer(), tok_path)
-    barrier()  # on every rank, file or not: a rank that found rank 0's fresh file once skipped it and deadlocked DDP
+    barrier()  # on every rank, file or not: ranks that skip it fall out of step with rank 0 and hang
     tok = data.load_tokenizer(tok_path)
     mcfg.text_vocab = tok.get_vocab_size()
     pool = ScenePool(cfg.n_train_scenes, mcfg.image_size)
