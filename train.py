@@ -185,6 +185,7 @@ class TrainConfig:
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
+    easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward
     init: str = ""                 # finished stage-1 run to start from; "" = --out (sft.pt and grpo.pt go beside stage1.pt)
@@ -344,6 +345,7 @@ class ScenePool:
         base = [data.make_scene(data.scene_seed("train", i), size)
                 for i in tqdm(range(n), desc=desc, disable=DDP_RANK > 0)]
         self.scenes = base + [data.flip_scene(s) for s in base]  # index i + n is the mirror of scene i
+        self.easy = [i for i, s in enumerate(self.scenes) if len(s.objects) <= EASY_OBJECTS]  # easy_steps
 
     def __len__(self):
         return len(self.scenes)
@@ -542,6 +544,7 @@ def train_vq(cfg, mcfg, run, pool, device):
 
 LOOKUPS = ("locate", "identify", "existence")  # questions about one named object: where is it, what is there, is it there
 FINDS = ("locate", "existence")  # the lookups that must find what a word names (identify goes from place to name)
+EASY_OBJECTS = 2  # the scenes of the curriculum's first easy_steps steps: the named object and one distractor
 
 
 def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
@@ -558,6 +561,8 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:
         first = step is not None and step < cfg.ground_steps  # the curriculum's first part: find what a word names
+        if first and step < cfg.easy_steps:  # ... first among two objects: pointing at either is right half the time
+            i = pool.easy[rng.integers(len(pool.easy))]
         lookup = first or rng.random() < cfg.ground_share
         kind = "ground" if lookup else "vqa"
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)

@@ -42,6 +42,8 @@ p.add_argument("--batch", type=int, default=64)
 p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--n-train", type=int, default=4000, help="training scenes (x 2 with flips)")
 p.add_argument("--eval-every", type=int, default=100)
+p.add_argument("--few", default="", metavar="N:S", help="a distractor curriculum: for the first S steps train only on "
+               "scenes with at most N objects (held-out scores are always on every scene)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1, help="torch threads (two probes fit on two cores)")
 p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -110,6 +112,8 @@ def example(q, codes, k, masks=None):
 
 
 train_pool, val_pool = pool("train", args.n_train), pool("val", 256)
+few_n, few_steps = map(int, args.few.split(":")) if args.few else (0, 0)
+few_idx = [k for k, s in enumerate(train_pool[0]) if len(s.objects) <= few_n]  # scenes of the distractor curriculum
 rng = np.random.default_rng(1)
 items = [(k, q) for k, s in enumerate(val_pool[0]) for q in questions(s, rng) if q.category != "refer"]
 prefix = len(tok.encode("<answer>\\boxed{").ids)
@@ -152,7 +156,7 @@ for step in range(args.steps + 1):
         g["lr"] = lr
     brng, ex = np.random.default_rng([args.seed, step]), []
     while len(ex) < args.batch:  # the batch is a pure function of the seed and the step
-        k = int(brng.integers(len(train_pool[0])))
+        k = int(few_idx[brng.integers(len(few_idx))] if step < few_steps else brng.integers(len(train_pool[0])))
         qs = questions(train_pool[0][k], brng, then if then and step >= args.switch else first)
         if qs:
             ex.append(example(qs[int(brng.integers(len(qs)))], train_pool[2], k, train_pool[3]))

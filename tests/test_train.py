@@ -6,9 +6,11 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import train
 from conftest import FAST
 
@@ -130,6 +132,27 @@ def test_cosine_schedule():
     assert train.cosine_lr(9, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
     assert train.cosine_lr(10, 100, 1.0, 0.1, 10) == pytest.approx(1.0)
     assert train.cosine_lr(100, 100, 1.0, 0.1, 10) == pytest.approx(0.1)
+
+
+def test_curriculum_examples(tiny_run):
+    """The stage-1 curriculum: before easy_steps every question is a lookup that must find a word (locate or
+    existence) about a scene of at most EASY_OBJECTS objects; until ground_steps such lookups about any scene; then
+    every category. AMG examples are unaffected."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    assert pool.easy and all(len(s.objects) <= train.EASY_OBJECTS for s in (pool.scenes[i] for i in pool.easy))
+    codes = {"rgb": np.zeros((len(pool), 8, 8), int)}
+    cfg = train.TrainConfig(amg_share=0.0, ground_steps=20, easy_steps=10)
+    rng, seen = np.random.default_rng(0), {}
+    for step in (0, 9, 10, 19, 20):
+        for _ in range(60):
+            ids, mask, kind, i = train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)
+            question = tok.decode([t for t in ids if t < 1000], skip_special_tokens=True)
+            finds = question.startswith(("Where is the", "Is there"))
+            seen.setdefault(step, set()).add((kind, finds, len(pool.scenes[i].objects) <= train.EASY_OBJECTS))
+    assert seen[0] == seen[9] == {("ground", True, True)}
+    assert seen[10] == seen[19] == {("ground", True, True), ("ground", True, False)}
+    assert ("vqa", False, False) in seen[20] and ("ground", True, False) in seen[20]
 
 
 def torchrun(out, *extra, stage=1):
