@@ -120,6 +120,7 @@ class RunError(RuntimeError):
 
 
 MODEL_CHECKPOINTS = ("grpo.pt", "sft.pt", "stage1.pt")  # the most trained one present is loaded
+TURN_CAP = 96  # text tokens one model turn may hold; the longest turn of data.make_trajectory has 85 (tested)
 
 
 def load_weights(module, state, path):
@@ -244,7 +245,7 @@ class Cooper:
         ids = [self._prompt_ids(data.prompt_segments(q), {"rgb": c}) + extra for c, q in zip(codes, questions)]
         return ids, len(extra)
 
-    def runtime(self, mode, turn_cap=64):
+    def runtime(self, mode, turn_cap=TURN_CAP):
         """generate() keywords of the tool-switch runtime. After a closing tool tag <|vision_start|> is forced (the
         model then draws exactly h×w codes, and <|vision_end|> follows); after a generated map the reflection prompt is
         forced; once MAX_TURNS - 1 maps are drawn the tool tags are masked, so the last turn answers; a turn longer than
@@ -259,13 +260,13 @@ class Cooper:
         return dict(force=force, ban=ban, turn_cap=turn_cap)
         # exercise 10 end
 
-    def max_tokens(self, turn_cap=64):
+    def max_tokens(self, turn_cap=TURN_CAP):
         """Longest possible rollout: MAX_TURNS turns of turn_cap tokens, and a map + reflection between turns."""
         between = self.cfg.image_tokens + 2 + len(self.tok.encode(data.REFLECTION_PROMPT).ids)
         return reward.MAX_TURNS * turn_cap + (reward.MAX_TURNS - 1) * between
 
     @torch.no_grad()
-    def rollout(self, images, questions, mode="interleaved", temperature=0.0, seed=0, turn_cap=64):
+    def rollout(self, images, questions, mode="interleaved", temperature=0.0, seed=0, turn_cap=TURN_CAP):
         """Run the tool-switch runtime on uint8 images (N, H, W, 3) and question strings, all in one batched, KV-cached
         generation. Modes: "interleaved" (the model decides when to draw a map), "direct" (answer at once), "text"
         (tool tags masked out), "depth" / "segmentation" (that map is always drawn first: the paper's "PE" row).
@@ -527,7 +528,7 @@ def evaluate_modes(cooper, n=128, split="val", seed=0, modes=MODES, batch=256):
 
 
 @torch.no_grad()
-def evaluate_rewards(cooper, n=64, group_size=8, split="val", seed=0, temperature=1.0, turn_cap=64, batch=256):
+def evaluate_rewards(cooper, n=64, group_size=8, split="val", seed=0, temperature=1.0, turn_cap=TURN_CAP, batch=256):
     """The GRPO objective on held-out prompts: one question on each of n `split` scenes, group_size interleaved
     rollouts each, sampled as in training, scored with the CPR reward (reward.cpr_rewards, exploration within each
     group). Returns reward/{total,answer,format,explore} means, reward_se/total (standard error over the n prompts'

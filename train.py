@@ -202,7 +202,7 @@ class TrainConfig:
     loss_type: str = "grpo"        # grpo | dapo | dr_grpo: how per-token losses are averaged (see grpo_loss)
     mu: int = 1                    # policy updates per batch of rollouts (paper: 1, so the ratio is 1)
     temperature: float = 1.0       # sampling temperature of the rollouts (paper: 1.0)
-    turn_cap: int = 64             # text tokens one turn may hold; a longer turn ends the rollout
+    turn_cap: int = cooper.TURN_CAP  # text tokens one turn may hold; a longer turn ends the rollout
     image_pg: bool = False         # beyond the paper: policy gradient on the generated maps' codes as well
     n_eval2: int = 64              # held-out scenes for the stage-2 evaluation (every question, every mode; the CPR
                                    # reward on half as many prompts × group_size sampled rollouts)
@@ -992,6 +992,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         stage1(cfg) if cfg.stage == 1 else stage2(cfg)
+        barrier()  # every rank finished (rank 0 evaluates last): no rank tears down gloo while a peer is still busy
     except cooper.RunError as e:  # e.g. a checkpoint written by another version of model.py
         sys.exit(f"error: {e}")
     finally:

@@ -78,6 +78,20 @@ def test_runtime_tool_switch(agent):
     assert total >= 5  # the switch was exercised
 
 
+def test_turn_cap_holds_every_reference_turn(tiny_run):
+    """The runtime ends a rollout whose turn outgrows cooper.TURN_CAP text tokens, so every model-written turn that SFT
+    teaches must fit in it (a 64-token cap once cut 20 % of the relative-size answers and failed their format)."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    rng, longest = np.random.default_rng(0), 0
+    for i in range(150):
+        s = data.make_scene(data.scene_seed("train", i))
+        for q in data.make_questions(s, rng):
+            for mode in data.MODES:
+                turns = [seg[1] for seg in data.make_trajectory(s, q, rng, mode=mode) if seg[0] == "text" and seg[2]]
+                longest = max([longest] + [len(tok.encode(t).ids) for t in turns])
+    assert longest <= cooper.TURN_CAP, longest
+
+
 def test_policy_mask_gradient_and_ratio(agent):
     """The policy-gradient mask is exactly the sampled text tokens (codes only with image_pg); the GRPO loss sends
     zero gradient to every other position (forced tokens, reflection prompt, codes, prompt, padding) and a non-zero

@@ -2,8 +2,10 @@
 Run: python -m pytest tests/test_train.py"""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import fields
 
 import numpy as np
@@ -155,11 +157,29 @@ def test_curriculum_examples(tiny_run):
     assert ("vqa", False, False) in seen[20] and ("ground", True, False) in seen[20]
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(out, *extra, stage=1):
+    """Run train.py under torchrun with 2 CPU processes (gloo). A rank that aborts inside gloo's C++ teardown with
+    TEARDOWN_ABORT (seen about once in a few dozen runs, only on a loaded machine, after every phase had finished
+    and passed its replica check) gets one retry from the same starting folder, with a warning; any other failure,
+    or the abort twice, fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--device", "cpu", *extra] + FAST
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                       timeout=600)
+    saved = out + ".before"
+    shutil.rmtree(saved, ignore_errors=True)
+    if os.path.isdir(out):
+        shutil.copytree(out, saved)
+    for attempt in (1, 2):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                           timeout=600)
+        if r.returncode == 0 or TEARDOWN_ABORT not in r.stderr or attempt == 2:
+            break
+        warnings.warn(f"torchrun: a rank aborted in gloo's teardown ({TEARDOWN_ABORT!r}); retrying once")
+        shutil.rmtree(out, ignore_errors=True)  # back to the folder as it was before the run
+        if os.path.isdir(saved):
+            shutil.copytree(saved, out)
     # on failure show each rank's own error lines (a crashing rank's message sits mid-stderr) and the summary
     errs = [l for l in r.stderr.splitlines() if any(w in l for w in ("Error", "error", "terminate", "what()", "Abort"))]
     assert r.returncode == 0, r.stdout[-2000:] + "\n".join(errs[:40]) + r.stderr[-4000:]
