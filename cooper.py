@@ -532,7 +532,8 @@ def evaluate_rewards(cooper, n=64, group_size=8, split="val", seed=0, temperatur
     """The GRPO objective on held-out prompts: one question on each of n `split` scenes, group_size interleaved
     rollouts each, sampled as in training, scored with the CPR reward (reward.cpr_rewards, exploration within each
     group). Returns reward/{total,answer,format,explore} means, reward_se/total (standard error over the n prompts'
-    group means) and tool_rate/{positive,negative,boundary} (share of rollouts that call a tool, per flag)."""
+    group means), reward/per_prompt (those group means: the same prompts and seeds give a paired comparison of two
+    models, see `paired_gain`) and tool_rate/{positive,negative,boundary} (share of rollouts that call a tool, per flag)."""
     rng = np.random.default_rng([seed, 7])
     scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
     qs = []
@@ -549,10 +550,18 @@ def evaluate_rewards(cooper, n=64, group_size=8, split="val", seed=0, temperatur
                                       [qs[k].kind for k in idx], [qs[k].flag for k in idx], group_size=group_size)
     per_prompt = np.asarray(totals, dtype=float).reshape(n, group_size).mean(1)
     m = {"reward/total": float(per_prompt.mean()), "reward_se/total": float(per_prompt.std(ddof=1) / math.sqrt(n)),
+         "reward/per_prompt": [round(float(x), 4) for x in per_prompt],  # for paired comparisons of two models
          **{f"reward/{k}": float(np.mean(v)) for k, v in comp.items()}}
     for flag, (rate, count) in tool_rates(results, [qs[k].flag for k in idx]).items():
         m[f"tool_rate/{flag}"], m[f"tool_rate_n/{flag}"] = rate, count
     return m
+
+
+def paired_gain(before, after):
+    """Mean reward gain over the same prompts (group means, e.g. SFT then GRPO) and its paired standard error:
+    the spread of the per-prompt differences / sqrt(n), which removes the prompts' own difficulty from the noise."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def tool_rates(results, groups):
@@ -582,6 +591,9 @@ def format_modes(m):
                      f"{m['reward/answer']:.3f}, format {m['reward/format']:.3f}, explore {m['reward/explore']:+.3f}); "
                      "tool-call rate " + ", ".join(f"{f} {m[f'tool_rate/{f}']:.2f}" for f in ("positive", "negative", "boundary")
                                                  if f"tool_rate/{f}" in m))
+    if "reward_gain/total" in m:
+        lines.append(f"gain over the SFT model on the same prompts: {m['reward_gain/total']:+.3f} ± "
+                     f"{m['reward_gain_se/total']:.3f} (paired standard error)")
     return "\n".join(lines)
 
 

@@ -944,6 +944,12 @@ def evaluate_stage2(cfg, run, model, vq, tok, device, phase, step):
     m.update(cooper.evaluate_rewards(agent, n=max(2, cfg.n_eval2 // 2), group_size=cfg.group_size, seed=cfg.seed,
                                      temperature=cfg.temperature, turn_cap=cfg.turn_cap))
     model.train()
+    if phase == "grpo":  # GRPO's gain over the SFT model: the same prompts and sampling seeds, so a paired comparison
+        rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
+        sft = [r for r in rows if r.get("phase") == "eval2" and r.get("after") == "sft"]
+        if sft and len(sft[-1].get("reward/per_prompt", [])) == len(m["reward/per_prompt"]):
+            m["reward_gain/total"], m["reward_gain_se/total"] = cooper.paired_gain(sft[-1]["reward/per_prompt"],
+                                                                                   m["reward/per_prompt"])
     MetricsLog(os.path.join(run, "metrics.jsonl")).write({"phase": "eval2", "after": phase, "step": step, **m})
     atomic_write_text(json.dumps(m, indent=1), os.path.join(run, "eval_stage2.json"))
     cooper.tool_chart(m).save(os.path.join(run, "tools.png"))

@@ -46,6 +46,8 @@ p.add_argument("--few", default="", metavar="N:S", help="a distractor curriculum
                "scenes with at most N objects (held-out scores are always on every scene)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1, help="torch threads (two probes fit on two cores)")
+p.add_argument("--init", default="", help="start from this run's stage1.pt instead of fresh weights (a model that "
+               "already finds things)")
 p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                help="override ModelConfig fields of the fresh transformer, e.g. --set n_embd=256 ffn_hidden=768")
 args = p.parse_args()
@@ -121,7 +123,17 @@ print(f"pools ready in {time.time() - T0:.0f} s; {len(items)} held-out questions
       f"pixels {args.pixels}", flush=True)
 
 torch.manual_seed(args.seed)
-model = UnifiedTransformer(cfg)
+if args.init:  # continue a finished stage-1 model (its own config; its tokenizers must be --run's)
+    path = os.path.join(args.init, "stage1.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, OSError) as e:
+        sys.exit(f"error: cannot read {path} ({e}); train it first: python train.py --stage 1 --out {args.init}")
+    cfg = replace(ModelConfig(**state["model_config"]), attn_impl="sdpa")
+    model = UnifiedTransformer(cfg)
+    cooper.load_weights(model, state["model"], path)
+else:
+    model = UnifiedTransformer(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
 

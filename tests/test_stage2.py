@@ -206,6 +206,9 @@ def test_stage2_resume_is_exact(tiny_run, tmp_path):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     m = json.load(open(os.path.join(out, "eval_stage2.json")))
     assert {f"{mode}/mean" for mode in cooper.MODES} <= set(m) and "tools/count/none" in m
+    sft = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r.get("after") == "sft"][-1]
+    assert (m["reward_gain/total"], m["reward_gain_se/total"]) == pytest.approx(cooper.paired_gain(
+        sft["reward/per_prompt"], m["reward/per_prompt"]))  # GRPO's gain over SFT, paired on the same prompts
 
 
 def test_rl_groups_are_never_split(monkeypatch):
@@ -237,3 +240,14 @@ def test_evaluate_rewards_matches_cpr(agent):
     rates = [k for k in m if k.startswith("tool_rate/")]
     assert rates and all(0 <= m[k] <= 1 for k in rates)
     assert sum(m[f"tool_rate_n/{k.split('/')[1]}"] for k in rates) == 16  # every rollout counted under its flag
+    assert len(m["reward/per_prompt"]) == 4 and np.mean(m["reward/per_prompt"]) == pytest.approx(m["reward/total"], abs=1e-3)
+    again = cooper.evaluate_rewards(agent, n=4, group_size=4, turn_cap=12)  # same prompts, same seeds: paired
+    assert again["reward/per_prompt"] == m["reward/per_prompt"]
+    assert cooper.paired_gain(m["reward/per_prompt"], again["reward/per_prompt"]) == (0.0, 0.0)
+
+
+def test_paired_gain_by_hand():
+    """Differences 1, 0, 2: mean 1, sample std 1, standard error 1/sqrt(3); a constant shift has no spread."""
+    gain, se = cooper.paired_gain([1, 2, 3], [2, 2, 5])
+    assert gain == pytest.approx(1.0) and se == pytest.approx(1 / np.sqrt(3))
+    assert cooper.paired_gain([0.5, 1.5, 0.2], [0.7, 1.7, 0.4]) == pytest.approx((0.2, 0.0), abs=1e-12)
