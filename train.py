@@ -186,6 +186,7 @@ class TrainConfig:
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
     easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
+    compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward
     init: str = ""                 # finished stage-1 run to start from; "" = --out (sft.pt and grpo.pt go beside stage1.pt)
@@ -545,6 +546,7 @@ def train_vq(cfg, mcfg, run, pool, device):
 LOOKUPS = ("locate", "identify", "existence")  # questions about one named object: where is it, what is there, is it there
 FINDS = ("locate", "existence")  # the lookups that must find what a word names (identify goes from place to name)
 EASY_OBJECTS = 2  # the scenes of the curriculum's first easy_steps steps: the named object and one distractor
+COMPARES = ("relative_distance", "left_right", "relative_size")  # questions that need two named objects found and compared
 
 
 def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
@@ -554,7 +556,8 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
     at row r, column c?", "is there a red object?") with probability ground_share, else a spatial question of any
     category. Before step ground_steps (the curriculum) every question is a lookup that must find what a word names
     (FINDS): a fresh model learns that only after tens of thousands of such questions (README, "Making the model see"),
-    and every other category needs it."""
+    and every other category needs it. For the next compare_steps steps the spatial questions are two-object
+    comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance."""
     i = int(rng.integers(len(pool)))
     if rng.random() < cfg.amg_share:
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
@@ -565,8 +568,11 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
             i = pool.easy[rng.integers(len(pool.easy))]
         lookup = first or rng.random() < cfg.ground_share
         kind = "ground" if lookup else "vqa"
+        # the curriculum's second part: the spatial questions are comparisons of two objects the model can now find
+        compare = not first and step is not None and step < cfg.ground_steps + cfg.compare_steps
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
-        qs = [q for q in qs if q.category in (FINDS if first else LOOKUPS if lookup else data.CATEGORIES)]
+        qs = ([q for q in qs if q.category in COMPARES] if compare and not lookup else []) or \
+            [q for q in qs if q.category in (FINDS if first else LOOKUPS if lookup else data.CATEGORIES)]
         segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
     return ids, mask, kind, i

@@ -13,7 +13,8 @@ standard error, the seeds' spread, chance and blind, and writes OUT/curves.json,
     python docs/vqa_curves.py --summary-only --out runs/curves                    # tables again, no training
 
 Variants (train.py flags added to the common ones): recipe (the defaults), control (--amg-share 0: no map
-generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (--no-patch-embed).
+generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (--no-patch-embed), no-compare
+(--compare-steps 0: the recipe without its comparison phase).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -31,8 +32,9 @@ sys.path.insert(0, ROOT)
 import cooper  # noqa: E402
 import data  # noqa: E402
 
+# no-compare: the recipe without its comparison phase, as in the runs of docs/perception.md before "Two objects compared"
 VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--ground-share", "0"],
-            "codes-only": ["--no-patch-embed"]}
+            "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"]}
 
 
 def run_dir(out, variant, seed):

@@ -157,6 +157,30 @@ def test_curriculum_examples(tiny_run):
     assert ("vqa", False, False) in seen[20] and ("ground", True, False) in seen[20]
 
 
+def test_compare_phase(tiny_run):
+    """After the find-first part, compare_steps steps whose spatial questions are the two-object comparisons (lookups
+    keep their share); then every category. The random stream is the same as without the phase (same scenes)."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    codes = {"rgb": np.zeros((len(pool), 8, 8), int)}
+    compare = lambda q: q.startswith(("Which is closer", "Which object is bigger")) or "to the left of" in q
+    for cfg, comparing in ((train.TrainConfig(amg_share=0.0, ground_steps=5, compare_steps=10), (True, True, False)),
+                           (train.TrainConfig(amg_share=0.0, ground_steps=5, compare_steps=0), (False, False, False))):
+        rng, scenes = np.random.default_rng(0), []
+        for step, want in zip((5, 14, 15), comparing):
+            kinds = set()
+            for _ in range(80):
+                ids, mask, kind, i = train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)
+                question = tok.decode([t for t in ids if t < 1000], skip_special_tokens=True)
+                scenes.append(i)
+                if kind == "vqa":
+                    kinds.add(compare(question))
+            assert kinds == ({True} if want else {True, False}), (step, kinds)
+        if cfg.compare_steps:
+            first = scenes
+    assert scenes == first  # the phase changes which question is asked, not the scenes drawn
+
+
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
