@@ -181,6 +181,24 @@ def test_compare_phase(tiny_run):
     assert scenes == first  # the phase changes which question is asked, not the scenes drawn
 
 
+def test_branch_run(tiny_run, tmp_path):
+    """docs/branch_run.py: a copy of a run at its checkpoint whose training config carries the changed flag, so that
+    train.py --resume accepts the new flag and refuses the old one."""
+    dst = str(tmp_path / "branch")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "branch_run.py"), tiny_run,
+                        os.path.join(tiny_run, "stage1.pt"), dst, "compare_steps=7"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    path = os.path.join(dst, "stage1.pt")
+    ck = torch.load(path, weights_only=False)
+    assert ck["train_config"]["compare_steps"] == 7
+    assert all(os.path.getsize(os.path.join(dst, f)) > 0 for f in ("tokenizer.json", "vq.pt", "metrics.jsonl"))
+    model_cfg = train.ModelConfig(**ck["model_config"])
+    base = ["--stage", "1", "--out", dst, "--resume"] + FAST
+    train.check_same_config(ck, train.parse_args(base + ["--compare-steps", "7"]), model_cfg, path)  # accepted
+    with pytest.raises(SystemExit, match="compare_steps"):
+        train.check_same_config(ck, train.parse_args(base), model_cfg, path)
+
+
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
