@@ -182,7 +182,8 @@ class TrainConfig:
     weight_decay: float = 0.1      # AdamW weight decay on weight matrices (not on norms and biases)
     grad_clip: float = 1.0         # clip the gradient's global norm to this
     amg_share: float = 0.25        # share of AMG examples (depth + segmentation); 0 trains the control (questions only)
-    amg_from: int = 0              # AMG examples start at this step; before it the whole batch is questions
+    find_amg: bool = True          # AMG during the finding phase too; False: it starts at ground_steps, so finding gets
+                                   # the whole batch (README, "Making the model see")
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
@@ -552,7 +553,8 @@ COMPARES = ("relative_distance", "left_right", "relative_size")  # questions tha
 
 def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
     """One training sequence of the stage-1 mixture, as (ids, loss mask, task, scene index): AMG (depth or segmentation
-    generation, loss on the target codes only, as in the paper) with probability amg_share (from step amg_from on),
+    generation, loss on the target codes only, as in the paper) with probability amg_share (with find_amg off: from
+    step ground_steps on),
     otherwise one question with its answer (loss on the answer): a lookup question (LOOKUPS: "where is the red
     object?", "what colour is the object at row r, column c?", "is there a red object?") with probability
     ground_share, else a spatial question of any
@@ -561,7 +563,7 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
     and every other category needs it. For the next compare_steps steps the spatial questions are two-object
     comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance."""
     i = int(rng.integers(len(pool)))
-    if rng.random() < cfg.amg_share and (step is None or step >= cfg.amg_from):
+    if rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:

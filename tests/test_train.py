@@ -181,22 +181,22 @@ def test_compare_phase(tiny_run):
     assert scenes == first  # the phase changes which question is asked, not the scenes drawn
 
 
-def test_amg_from(tiny_run):
-    """Before amg_from every example is a question (the finding phase gets the whole batch); from it on AMG takes its
-    share, as it does from the start with amg_from = 0."""
+def test_find_amg(tiny_run):
+    """find_amg off: before ground_steps every example is a question (the finding phase gets the whole batch); from it
+    on AMG takes its share, as it does from the start with find_amg on."""
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     pool = train.ScenePool(12)
     codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
     runs = {}
-    for amg_from in (0, 10):
-        cfg, rng = train.TrainConfig(amg_share=0.5, amg_from=amg_from, ground_steps=5), np.random.default_rng(0)
-        runs[amg_from] = [train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)[2:]
+    for find_amg in (True, False):
+        cfg, rng = train.TrainConfig(amg_share=0.5, find_amg=find_amg, ground_steps=10), np.random.default_rng(0)
+        runs[find_amg] = [train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)[2:]
                           for step in (9, 10) for _ in range(100)]
-    before, after = [k for k, _ in runs[10][:100]], [k for k, _ in runs[10][100:]]
+    before, after = [k for k, _ in runs[False][:100]], [k for k, _ in runs[False][100:]]
     assert "depth" not in before and "segmentation" not in before
     assert 30 < sum(k in ("depth", "segmentation") for k in after) < 70
-    amg0 = [k in ("depth", "segmentation") for k, _ in runs[0][:100]]
-    assert 30 < sum(amg0) < 70  # amg_from=0: the share from the start
+    amg0 = [k in ("depth", "segmentation") for k, _ in runs[True][:100]]
+    assert 30 < sum(amg0) < 70  # find_amg on: the share from the start
 
 
 def test_branch_run(tiny_run, tmp_path):
