@@ -184,6 +184,8 @@ class TrainConfig:
     amg_share: float = 0.25        # share of AMG examples (depth + segmentation); 0 trains the control (questions only)
     find_amg: bool = True          # AMG during the finding phase too; False: it starts at ground_steps, so finding gets
                                    # the whole batch (README, "Making the model see")
+    find_extra: int = 0            # extra lookup questions per step during the finding phase, beside the batch (a bigger
+                                   # batch there: the lookups take off only after tens of thousands of them)
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
@@ -256,6 +258,8 @@ def parse_args(argv=None):
         p.error("--stage must be 1 or 2")
     if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
         p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
+    if cfg.find_extra < 0 or cfg.find_extra % DDP_WORLD:
+        p.error(f"--find-extra {cfg.find_extra} must be >= 0 and split evenly over {DDP_WORLD} processes")
     if cfg.rl_batch % DDP_WORLD:
         p.error(f"--rl-batch {cfg.rl_batch} must split evenly over {DDP_WORLD} processes (groups are never split)")
     if cfg.stage == 1 and cfg.steps <= cfg.ground_steps and cfg.amg_share < 1:
@@ -551,7 +555,7 @@ EASY_OBJECTS = 2  # the scenes of the curriculum's first easy_steps steps: the n
 COMPARES = ("relative_distance", "left_right", "relative_size")  # questions that need two named objects found and compared
 
 
-def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
+def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True):
     """One training sequence of the stage-1 mixture, as (ids, loss mask, task, scene index): AMG (depth or segmentation
     generation, loss on the target codes only, as in the paper) with probability amg_share (with find_amg off: from
     step ground_steps on),
@@ -561,9 +565,10 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
     category. Before step ground_steps (the curriculum) every question is a lookup that must find what a word names
     (FINDS): a fresh model learns that only after tens of thousands of such questions (README, "Making the model see"),
     and every other category needs it. For the next compare_steps steps the spatial questions are two-object
-    comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance."""
+    comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance.
+    amg=False: always a question (the finding phase's find_extra lookups)."""
     i = int(rng.integers(len(pool)))
-    if rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
+    if amg and rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:
@@ -580,6 +585,19 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None):
         segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
     return ids, mask, kind, i
+
+
+def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
+    """One rank's share of the stage-1 batch of a step, a pure function of (seed, step): its batch_size / world
+    examples, plus, during the finding phase, every world-th of the find_extra extra lookup questions."""
+    rng = np.random.default_rng([cfg.seed, 2, step])
+    batch = [stage1_example(cfg, pool, codes, tok, image_offset, rng, step) for _ in range(cfg.batch_size)]
+    per_rank = max(1, cfg.batch_size // world)
+    batch = batch[rank * per_rank:(rank + 1) * per_rank]
+    if step < cfg.ground_steps:  # the finding phase: more lookups beside the batch (a bigger batch of questions)
+        batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, 3, step, j]),
+                                 step, amg=False) for j in range(rank, cfg.find_extra, world)]
+    return batch
 
 
 def collate(examples, device, rgb=None):
@@ -609,15 +627,19 @@ def lm_step(examples, wrapped, device, rgb, accum, amp, t0):
     for ids, m, kind, _ in mine:
         n_tok[kind] = n_tok.get(kind, 0) + sum(m[1:])
         n_seq[kind] = n_seq.get(kind, 0) + 1
-    # forward passes over length-sorted chunks: short question and long map sequences are not padded to one length
-    n_chunks = max(accum, min(2, len(mine)))
+    # forward passes over length-sorted chunks: short question and long map sequences are not padded to one length.
+    # accum chunks of equal size (the micro-batch), or, when the batch fits in one, two split where padding is least
+    n, lens = len(mine), [len(e[0]) for e in mine]
+    cuts = [a * n // accum for a in range(accum + 1)]
+    if accum == 1 and n > 1:
+        cuts = [0, min(range(1, n), key=lambda k: k * lens[k - 1] + (n - k) * lens[-1]), n]
     sums, total = {}, 0.0
-    for a in range(n_chunks):
-        chunk = mine[a * len(mine) // n_chunks:(a + 1) * len(mine) // n_chunks]
+    for a in range(len(cuts) - 1):
+        chunk = mine[cuts[a]:cuts[a + 1]]
         idx, tgt, lm, pixels = collate(chunk, device, rgb)
         # per-token weight: (task's share of the sequences) / (task's target tokens in the whole batch)
         w = torch.tensor([n_seq[e[2]] / len(mine) / max(1, n_tok[e[2]]) for e in chunk], device=device)  # (B,)
-        with no_sync(wrapped, a == n_chunks - 1), amp():
+        with no_sync(wrapped, a == len(cuts) - 2), amp():
             # loss on the target image codes (AMG) or the answer text only: lm marks those targets
             _, ce = wrapped(idx, tgt, lm, reduction="none", pixels=pixels)  # (N_masked,) per-token cross-entropy
             loss = (ce * w[lm.nonzero()[:, 0]]).sum()  # (N_masked,) weighted by each token's task
@@ -665,9 +687,8 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
 
     def step_fn(step):
         t0 = time.time()
-        rng = np.random.default_rng([cfg.seed, 2, step])  # the batch is a pure function of the step
-        batch = [stage1_example(cfg, pool, codes, tok, mcfg.image_offset, rng, step) for _ in range(cfg.batch_size)]
-        return lm_step(batch[DDP_RANK * per_rank:(DDP_RANK + 1) * per_rank], wrapped, device, rgb, accum, amp, t0)
+        batch = stage1_batch(cfg, pool, codes, tok, mcfg.image_offset, step, DDP_RANK, DDP_WORLD)
+        return lm_step(batch, wrapped, device, rgb, accum, amp, t0)
 
     def on_eval(step):  # a point of the VQA learning curve
         evaluate_and_report(cfg, run, model, vq, tok, device, step, maps=False)

@@ -275,3 +275,26 @@ def test_bf16_autocast_path(tmp_path, monkeypatch):
     train.main(["--stage", "1", "--out", out] + FAST)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(out, "stage1").values())
     assert len(losses(out, "stage1")) == 6
+
+
+def test_find_extra(tiny_run):
+    """find_extra: during the finding phase each step adds that many lookup questions (locate / existence) to the batch,
+    the batch itself unchanged; after it the batch is the plain one. Two ranks' shares together are the whole batch."""
+    def has(ids, sub):
+        return any(ids[i:i + len(sub)] == sub for i in range(len(ids)))
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
+    plain = train.TrainConfig(batch_size=8, ground_steps=10)
+    extra = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=6)
+    for step in (0, 1, 2, 3, 4, 9, 10, 11):
+        base = train.stage1_batch(plain, pool, codes, tok, 1000, step)
+        more = train.stage1_batch(extra, pool, codes, tok, 1000, step)
+        assert len(base) == 8 and len(more) == (14 if step < 10 else 8)
+        assert all(a[0] == b[0] for a, b in zip(base, more))  # the batch's own examples are unchanged
+        if step < 10:
+            assert all(e[2] == "ground" for e in more[8:])
+            for ids, *_ in more[8:]:  # a locate ("... Give its cell.") or an existence ("... in the image?") question
+                assert any(has(ids, tok.encode(w).ids) for w in (" Give its cell.", " in the image?"))
+        halves = [train.stage1_batch(extra, pool, codes, tok, 1000, step, rank=r, world=2) for r in (0, 1)]
+        assert sorted(map(str, halves[0] + halves[1])) == sorted(map(str, more))
