@@ -184,8 +184,8 @@ class TrainConfig:
     amg_share: float = 0.25        # share of AMG examples (depth + segmentation); 0 trains the control (questions only)
     find_amg: bool = True          # AMG during the finding phase too; False: it starts at ground_steps, so finding gets
                                    # the whole batch (README, "Making the model see")
-    find_extra: int = 0            # extra lookup questions per step during the finding phase, beside the batch (a bigger
-                                   # batch there: the lookups take off only after tens of thousands of them)
+    find_extra: float = 0.5        # extra lookup questions per step of the finding phase, as a share of --batch-size,
+                                   # beside the batch: finding takes off only after tens of thousands of them
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
@@ -258,8 +258,9 @@ def parse_args(argv=None):
         p.error("--stage must be 1 or 2")
     if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
         p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
-    if cfg.find_extra < 0 or cfg.find_extra % DDP_WORLD:
-        p.error(f"--find-extra {cfg.find_extra} must be >= 0 and split evenly over {DDP_WORLD} processes")
+    if cfg.find_extra < 0 or round(cfg.find_extra * cfg.batch_size) % DDP_WORLD:
+        p.error(f"--find-extra {cfg.find_extra} × --batch-size {cfg.batch_size} must be >= 0 and split evenly over "
+                f"{DDP_WORLD} processes")
     if cfg.rl_batch % DDP_WORLD:
         p.error(f"--rl-batch {cfg.rl_batch} must split evenly over {DDP_WORLD} processes (groups are never split)")
     if cfg.stage == 1 and cfg.steps <= cfg.ground_steps and cfg.amg_share < 1:
@@ -589,14 +590,15 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
 
 def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
     """One rank's share of the stage-1 batch of a step, a pure function of (seed, step): its batch_size / world
-    examples, plus, during the finding phase, every world-th of the find_extra extra lookup questions."""
+    examples, plus, during the finding phase, every world-th of the find_extra × batch_size extra lookup questions."""
     rng = np.random.default_rng([cfg.seed, 2, step])
     batch = [stage1_example(cfg, pool, codes, tok, image_offset, rng, step) for _ in range(cfg.batch_size)]
     per_rank = max(1, cfg.batch_size // world)
     batch = batch[rank * per_rank:(rank + 1) * per_rank]
     if step < cfg.ground_steps:  # the finding phase: more lookups beside the batch (a bigger batch of questions)
+        extra = round(cfg.find_extra * cfg.batch_size)
         batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, 3, step, j]),
-                                 step, amg=False) for j in range(rank, cfg.find_extra, world)]
+                                 step, amg=False) for j in range(rank, extra, world)]
     return batch
 
 

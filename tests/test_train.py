@@ -278,15 +278,15 @@ def test_bf16_autocast_path(tmp_path, monkeypatch):
 
 
 def test_find_extra(tiny_run):
-    """find_extra: during the finding phase each step adds that many lookup questions (locate / existence) to the batch,
+    """find_extra: during the finding phase each step adds find_extra × batch_size lookup questions (locate / existence),
     the batch itself unchanged; after it the batch is the plain one. Two ranks' shares together are the whole batch."""
     def has(ids, sub):
         return any(ids[i:i + len(sub)] == sub for i in range(len(ids)))
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     pool = train.ScenePool(12)
     codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
-    plain = train.TrainConfig(batch_size=8, ground_steps=10)
-    extra = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=6)
+    plain = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=0)
+    extra = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=0.75)  # 6 beside the batch's 8
     for step in (0, 1, 2, 3, 4, 9, 10, 11):
         base = train.stage1_batch(plain, pool, codes, tok, 1000, step)
         more = train.stage1_batch(extra, pool, codes, tok, 1000, step)
