@@ -191,6 +191,7 @@ class TrainConfig:
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
     easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
+    detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward
     init: str = ""                 # finished stage-1 run to start from; "" = --out (sft.pt and grpo.pt go beside stage1.pt)
@@ -554,6 +555,7 @@ LOOKUPS = ("locate", "identify", "existence")  # questions about one named objec
 FINDS = ("locate", "existence")  # the lookups that must find what a word names (identify goes from place to name)
 EASY_OBJECTS = 2  # the scenes of the curriculum's first easy_steps steps: the named object and one distractor
 COMPARES = ("relative_distance", "left_right", "relative_size")  # questions that need two named objects found and compared
+DETAILS = ("attribute", "count")  # questions that need the shape of found objects: at chance when mixed among all
 
 
 def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True):
@@ -580,8 +582,12 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
         kind = "ground" if lookup else "vqa"
         # the curriculum's second part: the spatial questions are comparisons of two objects the model can now find
         compare = not first and step is not None and step < cfg.ground_steps + cfg.compare_steps
+        # ... and a third part, if asked, for shape and counting (DETAILS)
+        detail = not (first or compare) and step is not None and \
+            step < cfg.ground_steps + cfg.compare_steps + cfg.detail_steps
+        only = COMPARES if compare else DETAILS if detail else ()
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
-        qs = ([q for q in qs if q.category in COMPARES] if compare and not lookup else []) or \
+        qs = ([q for q in qs if q.category in only] if only and not lookup else []) or \
             [q for q in qs if q.category in (FINDS if first else LOOKUPS if lookup else data.CATEGORIES)]
         segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)

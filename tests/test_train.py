@@ -181,6 +181,27 @@ def test_compare_phase(tiny_run):
     assert scenes == first  # the phase changes which question is asked, not the scenes drawn
 
 
+def test_detail_phase(tiny_run):
+    """detail_steps: after the comparison phase, that many steps whose spatial questions are attribute and count
+    (DETAILS); then every category again. Off (0) the phase is absent."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    codes = {"rgb": np.zeros((len(pool), 8, 8), int)}
+    def detail(q):  # a count question, or an attribute question ("Is the red cube a sphere?")
+        return q.startswith("How many") or q.startswith("Is the ") and q.split("?")[0].split()[-1] in data.SHAPES
+    both, comparing, details = {True, False}, {False}, {True}
+    for detail_steps, wants in ((10, (comparing, details, details, both)), (0, (comparing, both, both, both))):
+        cfg = train.TrainConfig(amg_share=0.0, ground_steps=5, compare_steps=5, detail_steps=detail_steps)
+        rng = np.random.default_rng(0)
+        for step, want in zip((9, 10, 19, 20), wants):
+            kinds = set()
+            for _ in range(80):
+                ids, mask, kind, i = train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)
+                if kind == "vqa":
+                    kinds.add(detail(tok.decode([t for t in ids if t < 1000], skip_special_tokens=True)))
+            assert kinds == want, (detail_steps, step, kinds)
+
+
 def test_find_amg(tiny_run):
     """find_amg off: before ground_steps every example is a question (the finding phase gets the whole batch); from it
     on AMG takes its share, as it does from the start with find_amg on."""
