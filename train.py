@@ -18,8 +18,11 @@ Deviations from the paper (see also data.py and model.py):
 - No pretrained base model exists here, so stage 1 also teaches understanding (direct-answer VQA) from scratch;
   `--amg-share 0` trains the control that only learns to answer (the "BAGEL" row), to compare at equal steps.
 - The AMG loss is next-code cross-entropy on VQ codes instead of BAGEL's rectified-flow loss on VAE latents.
-- Stage 2 (SFT on interleaved trajectories, then GRPO with the CPR reward) uses `grpo_loss` below and reward.py;
-  its training loop is not part of this script yet, and `--stage 2` says so.
+- Understanding from scratch needs a curriculum the paper (which starts from BAGEL) does not: first only lookups that
+  find what a word names, half a batch more of them per step (FINDS, --find-extra), then two-object comparisons
+  (COMPARES), then every category (docs/perception.md).
+- Stage 2 (`--stage 2`: SFT on interleaved trajectories, then GRPO with the CPR reward) is `stage2`,
+  `grpo_step` and `grpo_loss` below, with reward.py and the runtime of cooper.py.
 
 Never lose work: checkpoints (weights, optimizer, step, configs, RNG; the data stream is a pure function of the step)
 are written atomically every --save-every steps, on Ctrl-C and at the end of each phase; --resume continues exactly.
