@@ -393,14 +393,15 @@ class UnifiedTransformer(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=device, dtype=dtype)
 
     def forward(self, idx, targets=None, loss_mask=None, cache=None, key_padding_mask=None, reduction="mean",
-                pixels=None):
+                pixels=None, last_only=False):
         """idx (B,T) -> (logits (B,T,V), loss). targets[t] is the token after idx[t]; the loss is the mean
         cross-entropy over positions where loss_mask is True (all positions when loss_mask is None).
         reduction="none" returns (None, per-token losses (N_masked,) in row-major order of the mask) and runs the
         output layer on the masked positions only (training: a third of the tiny model's FLOPs are the output layer).
         key_padding_mask (B,Tk) bool, True = real token, covers cached keys + idx.
         pixels (B,3,H,W) in [-1,1]: the input image of each row; with cfg.patch_embed its patch embeddings are added to
-        the codes of the first image block in idx (the understanding path; generated maps stay codes only)."""
+        the codes of the first image block in idx (the understanding path; generated maps stay codes only).
+        last_only: logits (B,1,V) of the last position only (the prefill of generation: a quarter of its FLOPs saved)."""
         cfg = self.cfg
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -432,7 +433,7 @@ class UnifiedTransformer(nn.Module):
         if reduction == "none":
             # output layer only where there is a target: (N_masked, C) -> (N_masked, V) -> (N_masked,)
             return None, F.cross_entropy(self.lm_head(x[mask]).float(), targets[mask], reduction="none")
-        logits = self.lm_head(x)                                         # (B, T, V)
+        logits = self.lm_head(x[:, -1:] if last_only else x)            # (B, T or 1, V)
         if targets is None:
             return logits, None
         # next-token cross-entropy over the masked positions only
@@ -498,7 +499,7 @@ class UnifiedTransformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         pad = stop_id if stop_id is not None else 0
         cache = self.new_cache(B, T0 + max_new_tokens, device=dev, dtype=self.embed.weight.dtype)
-        logits, _ = self(idx, cache=cache, key_padding_mask=kpm, pixels=pixels)  # pixels: the prompt's input image
+        logits, _ = self(idx, cache=cache, key_padding_mask=kpm, pixels=pixels, last_only=True)  # pixels: the input image
         out_tok, out_sampled, out_logp, out_mask = [], [], [], []
         for step in range(max_new_tokens):
             last = logits[:, -1].float()                                      # (B, V)

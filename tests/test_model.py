@@ -161,6 +161,10 @@ def test_kv_cache_matches_full_forward(impl, mot):
     parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(13, 24)]
     assert cache.length == 24
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    # the prefill of generation computes the last position's logits only: the same numbers
+    last = model(idx[:, :10], cache=model.new_cache(2, 24), last_only=True)[0]
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, 9:10], atol=1e-5, rtol=1e-5)
 
 
 def test_image_positions_2d():
