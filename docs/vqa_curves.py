@@ -5,7 +5,8 @@ tokenizers (--tokenizer-from), so the runs differ only in what the variant chang
 scenes every --eval-every steps (train.py: score ± standard error, the wording prior's chance level, and the blind
 score with another scene's image). This script starts the runs (--jobs at a time, the cores split between them;
 finished runs are reused, stopped ones resumed), then prints per category and step the mean over seeds with its
-standard error, the seeds' spread, chance and blind, and writes OUT/curves.json, OUT/curves.png and OUT/gain_VARIANT.png
+standard error, the seeds' spread, chance and blind, each variant's difference to the first one at their last common
+step (seed by seed), and writes OUT/curves.json, OUT/curves.png and OUT/gain_VARIANT.png
 (every category's score minus chance).
 
     python train.py --stage 1                                                    # once: runs/tiny (tokenizers)
@@ -103,6 +104,19 @@ def summarise(args):
                      "chance": float(np.mean(cv[s][f"vqa_chance/{c}"])), "blind": float(np.mean(cv[s][f"vqa_blind/{c}"]))})
             last = table[variant][c][-1]
             print(f"{c:18s}" + "".join(f"{x:>26s}" for x in cells) + f"   | {last['chance']:.3f} | {last['blind']:.3f}")
+    first = next(iter(table), None)
+    for v in [v for v in table if v != first]:  # each variant against the first, at their last common step, by seed
+        step = max(set(p["step"] for p in table[first]["mean"]) & set(p["step"] for p in table[v]["mean"]), default=None)
+        if step is None:
+            continue
+        print(f"\n{first} - {v} at step {step}: mean over seeds ± standard error (per seed)")
+        for c in cats:
+            a = next((p for p in table[first].get(c, []) if p["step"] == step), None)
+            b = next((p for p in table[v].get(c, []) if p["step"] == step), None)
+            if a and b and len(a["seeds"]) == len(b["seeds"]):
+                d = [x - y for x, y in zip(a["seeds"], b["seeds"])]  # the same seed's runs, paired
+                print(f"{c:18s} {np.mean(d):+.3f} ± {math.sqrt(a['se'] ** 2 + b['se'] ** 2):.3f}   "
+                      f"({' / '.join(f'{x:+.3f}' for x in d)})")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "curves.json"), "w") as f:
         json.dump(table, f, indent=1)

@@ -140,3 +140,11 @@ def test_perception_scripts(tiny_run, tmp_path):
     assert "recipe: held-out score" in r.stdout and os.path.getsize(os.path.join(out, "curves.png")) > 0
     curves = json.load(open(os.path.join(out, "curves.json")))
     assert [p["step"] for p in curves["recipe"]["locate"]] == [3, 6]
+    # the difference table pairs runs by seed: a variant whose run is a copy of the recipe's differs by exactly 0
+    shutil.copytree(os.path.join(out, "recipe_s0"), os.path.join(out, "control_s0"))
+    r = subprocess.run([sys.executable, os.path.join(docs, "vqa_curves.py"), "--summary-only", "--out", out,
+                        "--variants", "recipe,control", "--seeds", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    diff = r.stdout.split("recipe - control at step 6")[1].split("\n\n")[0].splitlines()[1:]  # the table's rows
+    assert len(diff) >= 10 and any(l.startswith("locate") for l in diff)
+    assert all(l.split()[1] in ("+0.000", "-0.000") for l in diff), diff
