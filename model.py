@@ -401,7 +401,7 @@ class UnifiedTransformer(nn.Module):
         key_padding_mask (B,Tk) bool, True = real token, covers cached keys + idx.
         pixels (B,3,H,W) in [-1,1]: the input image of each row; with cfg.patch_embed its patch embeddings are added to
         the codes of the first image block in idx (the understanding path; generated maps stay codes only).
-        last_only: logits (B,1,V) of the last position only (the prefill of generation: a quarter of its FLOPs saved)."""
+        last_only: logits (B,1,V) of the last position only (the prefill of generation needs no others)."""
         cfg = self.cfg
         B, T = idx.shape
         past = cache.length if cache is not None else 0

@@ -583,12 +583,10 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
             i = pool.easy[rng.integers(len(pool.easy))]
         lookup = first or rng.random() < cfg.ground_share
         kind = "ground" if lookup else "vqa"
-        # the curriculum's second part: the spatial questions are comparisons of two objects the model can now find
-        compare = not first and step is not None and step < cfg.ground_steps + cfg.compare_steps
-        # ... and a third part, if asked, for shape and counting (DETAILS)
-        detail = not (first or compare) and step is not None and \
-            step < cfg.ground_steps + cfg.compare_steps + cfg.detail_steps
-        only = COMPARES if compare else DETAILS if detail else ()
+        # the curriculum's second part: the spatial questions are comparisons of two objects the model can now find;
+        # then, if asked, a third for shape and counting (DETAILS)
+        end = cfg.ground_steps + cfg.compare_steps
+        only = () if first or step is None else COMPARES if step < end else DETAILS if step < end + cfg.detail_steps else ()
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
         qs = ([q for q in qs if q.category in only] if only and not lookup else []) or \
             [q for q in qs if q.category in (FINDS if first else LOOKUPS if lookup else data.CATEGORIES)]
