@@ -873,12 +873,15 @@ def grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp):
     tokens, mask = raw["tokens"].to(agent.device), raw["mask"].to(agent.device)
     pg = policy_mask(raw, agent.cfg.image_offset, width, cfg.image_pg).to(agent.device)  # (B·G, width)
     pixels = agent.pixels(rgb[scenes])
-    with torch.no_grad(), amp():  # old policy: the same computation without gradient, so the ratio is exactly 1 at mu = 1
-        old, _ = token_logps(model, tokens, mask, pixels, T0, width, cfg.temperature)
+    with torch.no_grad(), amp():
         ref_lp = token_logps(ref, tokens, mask, pixels, T0, width, cfg.temperature)[0] if ref is not None else None
+    old = None
     for u in range(cfg.mu):
         with amp():
             logps, ent = token_logps(wrapped, tokens, mask, pixels, T0, width, cfg.temperature)
+            # old policy = the first update's log-probs, detached: the parameters the rollouts were sampled with, no
+            # extra forward pass, and the ratio is exactly 1 at mu = 1
+            old = logps.detach() if old is None else old
             loss, st = grpo_loss(logps, old, adv, pg, ref_lp, cfg.beta, cfg.eps_low, cfg.eps_high, cfg.loss_type)
         loss.backward()
         if u < cfg.mu - 1:  # the last update's optimizer step is run_phase's

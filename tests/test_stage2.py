@@ -95,8 +95,8 @@ def test_turn_cap_holds_every_reference_turn(tiny_run):
 def test_policy_mask_gradient_and_ratio(agent):
     """The policy-gradient mask is exactly the sampled text tokens (codes only with image_pg); the GRPO loss sends
     zero gradient to every other position (forced tokens, reflection prompt, codes, prompt, padding) and a non-zero
-    one to each masked token; old log-probs from the no-grad pass equal the graded ones bit for bit, so at mu = 1 the
-    ratio is exactly 1 and nothing is clipped."""
+    one to each masked token; the old log-probs grpo_step takes (the graded pass, detached) equal a separate no-grad
+    pass bit for bit, and at mu = 1 the ratio is exactly 1 and nothing is clipped."""
     results, raw = rollouts(agent)
     T0, off = raw["T0"], agent.cfg.image_offset
     width = agent.max_tokens(12)
@@ -114,7 +114,7 @@ def test_policy_mask_gradient_and_ratio(agent):
     logps, _ = train.token_logps(agent.model, raw["tokens"], raw["mask"], pixels, T0, width, 1.0)
     assert torch.equal(old, logps.detach())
     logps.retain_grad()
-    loss, st = train.grpo_loss(logps, old, torch.linspace(-1, 1, 8), pg)
+    loss, st = train.grpo_loss(logps, logps.detach(), torch.linspace(-1, 1, 8), pg)
     loss.backward()
     assert st["ratio_mean"] == 1.0 and st["clip_low_frac"] == st["clip_high_frac"] == 0.0
     assert (logps.grad[~pg] == 0).all()
