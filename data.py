@@ -449,8 +449,9 @@ CATEGORY_INFO = {
     # grounding tasks (not benchmark categories): answers are a cell or a colour word, checked by exact match
     "locate": ("cell", "segmentation", "boundary"),
     "identify": ("word", None, "negative"),
+    "shape": ("word", None, "negative"),
 }
-GROUNDING = ["locate", "identify"]
+GROUNDING = ["locate", "identify", "shape"]
 
 
 @dataclass
@@ -583,12 +584,16 @@ def grounding_questions(scene, rng, cell=SEG_CELL):
     """Grounding tasks with many-bit answers (trained beside the benchmark's questions, scored on their own):
     "locate": where is the red object? -> the cell of its centroid ("row 3, column 5", as grounding models point);
     "identify": what colour is the object at row r, column c? -> a colour word, asked only about a cell that one
-    object covers at least half of. Content -> position and position -> content, the two directions of a lookup."""
+    object covers at least half of. Content -> position and position -> content, the two directions of a lookup.
+    "shape": what shape is the red object? -> cube / sphere / cylinder, about the located object when it is at least
+    SHAPE_PIXELS large (content -> content: what attribute and count-by-shape questions need)."""
     objs, qs = scene.objects, []
     if objs:
         i = int(rng.integers(len(objs)))
         r, c = object_cell(scene, i, cell)
         qs.append(_q("locate", f"Where is the {objs[i].ref}? Give its cell.", f"row {r}, column {c}", [i]))
+        if objs[i].pixels >= SHAPE_PIXELS * (scene.rgb.shape[1] / IMAGE_SIZE) ** 2:  # no draw: other questions unchanged
+            qs.append(_q("shape", f"What shape is the {objs[i].ref}?", objs[i].shape, [i]))
         g = scene.seg.shape[0] // cell
         blocks = scene.seg[:g * cell, :g * cell].reshape(g, cell, g, cell).transpose(0, 2, 1, 3).reshape(g, g, -1)
         cover = np.stack([(blocks == k + 1).sum(-1) for k in range(len(objs))])  # (n, g, g) pixels per cell
@@ -826,7 +831,8 @@ def tokenizer_corpus(n_scenes=200, seed=0):
     rng, texts = np.random.default_rng(seed), [DEPTH_PROMPT, SEG_PROMPT, REFLECTION_PROMPT]
     for k in range(n_scenes):
         scene = make_scene(scene_seed("train", k))
-        texts += [q.text + answer_text(q) for q in grounding_questions(scene, rng)]
+        # not the opt-in shape lookups (train.py --shape-lookups): the default run's tokenizer does not depend on them
+        texts += [q.text + answer_text(q) for q in grounding_questions(scene, rng) if q.category != "shape"]
         for q in make_questions(scene, rng):
             texts.append(answer_text(q))
             for mode in MODES:

@@ -393,7 +393,7 @@ class UnifiedTransformer(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=device, dtype=dtype)
 
     def forward(self, idx, targets=None, loss_mask=None, cache=None, key_padding_mask=None, reduction="mean",
-                pixels=None, last_only=False):
+                pixels=None, last_only=False, logits_at=None):
         """idx (B,T) -> (logits (B,T,V), loss). targets[t] is the token after idx[t]; the loss is the mean
         cross-entropy over positions where loss_mask is True (all positions when loss_mask is None).
         reduction="none" returns (None, per-token losses (N_masked,) in row-major order of the mask) and runs the
@@ -401,7 +401,9 @@ class UnifiedTransformer(nn.Module):
         key_padding_mask (B,Tk) bool, True = real token, covers cached keys + idx.
         pixels (B,3,H,W) in [-1,1]: the input image of each row; with cfg.patch_embed its patch embeddings are added to
         the codes of the first image block in idx (the understanding path; generated maps stay codes only).
-        last_only: logits (B,1,V) of the last position only (the prefill of generation needs no others)."""
+        last_only: logits (B,1,V) of the last position only (the prefill of generation needs no others).
+        logits_at (B,T) bool: logits (N_true, V) of those positions only, in row-major order (GRPO needs the log-probs
+        of the sampled text tokens alone: the output layer and its softmax skip the prompt and the maps' codes)."""
         cfg = self.cfg
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -433,6 +435,8 @@ class UnifiedTransformer(nn.Module):
         if reduction == "none":
             # output layer only where there is a target: (N_masked, C) -> (N_masked, V) -> (N_masked,)
             return None, F.cross_entropy(self.lm_head(x[mask]).float(), targets[mask], reduction="none")
+        if logits_at is not None:
+            return self.lm_head(x[logits_at]), None                      # (N_true, C) -> (N_true, V)
         logits = self.lm_head(x[:, -1:] if last_only else x)            # (B, T or 1, V)
         if targets is None:
             return logits, None

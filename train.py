@@ -187,6 +187,7 @@ class TrainConfig:
     amg_share: float = 0.25        # share of AMG examples (depth + segmentation); 0 trains the control (questions only)
     find_amg: bool = True          # AMG during the finding phase too; False: it starts at ground_steps, so finding gets
                                    # the whole batch (README, "Making the model see")
+    shape_lookups: bool = False    # "what shape is the red object?" among the lookups (FINDS and LOOKUPS) too
     find_extra: float = 0.5        # extra lookup questions per step of the finding phase, as a share of --batch-size,
                                    # beside the batch: finding takes off only after tens of thousands of them
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
@@ -588,8 +589,9 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
         end = cfg.ground_steps + cfg.compare_steps
         only = () if first or step is None else COMPARES if step < end else DETAILS if step < end + cfg.detail_steps else ()
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
+        shape = ("shape",) if cfg.shape_lookups else ()
         qs = ([q for q in qs if q.category in only] if only and not lookup else []) or \
-            [q for q in qs if q.category in (FINDS if first else LOOKUPS if lookup else data.CATEGORIES)]
+            [q for q in qs if q.category in (FINDS + shape if first else LOOKUPS + shape if lookup else data.CATEGORIES)]
         segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
     return ids, mask, kind, i
@@ -813,17 +815,23 @@ def sft_example(cfg, pool, codes, tok, image_offset, rng):
     return ids, mask, f"sft_{mode}", i
 
 
-def token_logps(model, tokens, mask, pixels, start, width, temperature):
+def token_logps(model, tokens, mask, pixels, start, width, temperature, where=None):
     """Next-token log-probs of tokens[:, start:start + width] under the temperature-scaled model (EQUATIONS.md: logits
     divided by the sampling temperature), and the entropy of each of those distributions: (B, width) each, zero-padded
-    past the sequence. tokens / mask (B, T) with left-padded prompts; pixels the input images."""
-    logits, _ = model(tokens[:, :-1], key_padding_mask=mask[:, :-1], pixels=pixels)  # (B, T-1, V)
-    logp = (logits[:, start - 1:].float() / temperature).log_softmax(-1)  # (B, N, V): position t predicts token t+1
-    got = logp.gather(-1, tokens[:, start:, None]).squeeze(-1)  # (B, N)
+    past the sequence. tokens / mask (B, T) with left-padded prompts; pixels the input images. where (B, width) bool:
+    compute only those (the policy-gradient mask), the rest are 0: the output layer skips the maps' codes."""
+    B, T = tokens.shape
+    N = T - start  # generated positions
+    at = torch.zeros(B, T - 1, dtype=torch.bool, device=tokens.device)  # (B, T-1): position t predicts token t+1
+    at[:, start - 1:] = True if where is None else where[:, :N]
+    logits, _ = model(tokens[:, :-1], key_padding_mask=mask[:, :-1], pixels=pixels, logits_at=at)  # (n, V)
+    logp = (logits.float() / temperature).log_softmax(-1)  # (n, V)
+    sel = F.pad(at[:, start - 1:], (0, width - N))  # (B, width)
+    got = torch.zeros(B, width, device=tokens.device, dtype=logp.dtype).masked_scatter(
+        sel, logp.gather(-1, tokens[:, 1:][at][:, None]).squeeze(-1))
     with torch.no_grad():
-        ent = -(logp.exp() * logp).sum(-1)  # (B, N)
-    pad = width - got.shape[1]
-    return F.pad(got, (0, pad)), F.pad(ent, (0, pad))
+        ent = torch.zeros_like(got).masked_scatter(sel, -(logp.exp() * logp).sum(-1))
+    return got, ent
 
 
 def policy_mask(raw, image_offset, width, image_pg=False):
@@ -874,11 +882,11 @@ def grpo_step(cfg, agent, wrapped, ref, opt, pool, rgb, step, amp):
     pg = policy_mask(raw, agent.cfg.image_offset, width, cfg.image_pg).to(agent.device)  # (B·G, width)
     pixels = agent.pixels(rgb[scenes])
     with torch.no_grad(), amp():
-        ref_lp = token_logps(ref, tokens, mask, pixels, T0, width, cfg.temperature)[0] if ref is not None else None
+        ref_lp = token_logps(ref, tokens, mask, pixels, T0, width, cfg.temperature, pg)[0] if ref is not None else None
     old = None
     for u in range(cfg.mu):
         with amp():
-            logps, ent = token_logps(wrapped, tokens, mask, pixels, T0, width, cfg.temperature)
+            logps, ent = token_logps(wrapped, tokens, mask, pixels, T0, width, cfg.temperature, pg)
             # old policy = the first update's log-probs, detached: the parameters the rollouts were sampled with, no
             # extra forward pass, and the ratio is exactly 1 at mu = 1
             old = logps.detach() if old is None else old

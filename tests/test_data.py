@@ -247,10 +247,11 @@ def test_answers_balanced():
         assert 0.4 <= np.mean(v) <= 0.6 and len(v) > 200, (key, np.mean(v))
 
 
-def test_grounding_questions():
+def test_grounding_questions(monkeypatch):
     """locate answers the cell (from 1) holding the centroid of the object's visible pixels; identify asks about a cell
-    that the named object covers at least half of; both are exact-match kinds."""
-    rng, n = np.random.default_rng(3), 0
+    that the named object covers at least half of; shape names the located object's shape when it is at least
+    SHAPE_PIXELS large; all are exact-match kinds, and asking shape draws nothing from the generator."""
+    rng, n, shapes = np.random.default_rng(3), 0, 0
     for k in range(30):
         s = data.make_scene(data.scene_seed("val", k))
         for q in data.grounding_questions(s, rng):
@@ -261,11 +262,22 @@ def test_grounding_questions():
                 assert q.text == f"Where is the {o.color} object? Give its cell." and q.kind == "cell"
                 v, u = np.nonzero(s.seg == i + 1)
                 assert q.answer == f"row {int(v.mean()) // 8 + 1}, column {int(u.mean()) // 8 + 1}"
+                located = i
+            elif q.category == "shape":
+                assert q.text == f"What shape is the {o.color} object?" and q.answer == o.shape and q.kind == "word"
+                assert i == located and o.pixels >= data.SHAPE_PIXELS
+                shapes += 1
             else:
                 r, c = map(int, re.search(r"row (\d), column (\d)", q.text).groups())
                 assert q.answer == o.color and q.kind == "word"
                 assert (s.seg[8 * (r - 1):8 * r, 8 * (c - 1):8 * c] == i + 1).sum() >= 32
-    assert n >= 55
+    assert n >= 55 and shapes >= 5
+    # shape draws nothing: without it (no object large enough) the other questions and the generator's state are the same
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    with_shape = [q for k in range(30) for q in data.grounding_questions(data.make_scene(data.scene_seed("val", k)), a)]
+    monkeypatch.setattr(data, "SHAPE_PIXELS", 10 ** 9)
+    without = [q for k in range(30) for q in data.grounding_questions(data.make_scene(data.scene_seed("val", k)), b)]
+    assert [q for q in with_shape if q.category != "shape"] == without and a.random() == b.random()
 
 
 def test_chance_levels():

@@ -165,6 +165,9 @@ def test_kv_cache_matches_full_forward(impl, mot):
     last = model(idx[:, :10], cache=model.new_cache(2, 24), last_only=True)[0]
     assert last.shape == (2, 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, 9:10], atol=1e-5, rtol=1e-5)
+    # GRPO's log-probs need chosen positions only: logits_at gives those rows, in row-major order
+    at = torch.rand(2, 24, generator=torch.Generator().manual_seed(1)) < 0.3
+    torch.testing.assert_close(model(idx, logits_at=at)[0], full[at], atol=1e-5, rtol=1e-5)
 
 
 def test_image_positions_2d():

@@ -96,8 +96,9 @@ def test_policy_mask_gradient_and_ratio(agent):
     """The policy-gradient mask is exactly the sampled text tokens (codes only with image_pg); the GRPO loss sends
     zero gradient to every other position (forced tokens, reflection prompt, codes, prompt, padding) and a non-zero
     one to each masked token; the old log-probs grpo_step takes (the graded pass, detached) equal a separate no-grad
-    pass bit for bit, and at mu = 1 the ratio is exactly 1 and nothing is clipped."""
-    results, raw = rollouts(agent)
+    pass bit for bit, and at mu = 1 the ratio is exactly 1 and nothing is clipped; log-probs computed at the masked
+    tokens only equal the full computation's there."""
+    results, raw = rollouts(agent, n=16)  # 16: rollouts that draw a map occur (4 of 16)
     T0, off = raw["T0"], agent.cfg.image_offset
     width = agent.max_tokens(12)
     pg = train.policy_mask(raw, off, width)
@@ -107,18 +108,22 @@ def test_policy_mask_gradient_and_ratio(agent):
     assert (raw["sampled"] & (gen >= off)).any() and (~raw["sampled"] & raw["mask"][:, T0:]).any()  # both kinds occur
     pgi = train.policy_mask(raw, off, width, image_pg=True)
     assert torch.equal(pgi[:, :n], raw["sampled"])
-    scenes = [data.make_scene(data.scene_seed("val", k)) for k in range(8)]
+    scenes = [data.make_scene(data.scene_seed("val", k)) for k in range(16)]
     pixels = agent.pixels(np.stack([s.rgb for s in scenes]))
     with torch.no_grad():
         old, _ = train.token_logps(agent.model, raw["tokens"], raw["mask"], pixels, T0, width, 1.0)
     logps, _ = train.token_logps(agent.model, raw["tokens"], raw["mask"], pixels, T0, width, 1.0)
     assert torch.equal(old, logps.detach())
+    # grpo_step computes the log-probs at the masked tokens only (where=pg): the same numbers there, 0 elsewhere
+    part, ent = train.token_logps(agent.model, raw["tokens"], raw["mask"], pixels, T0, width, 1.0, pg)
+    torch.testing.assert_close(part[pg], old[pg], atol=1e-6, rtol=1e-6)
+    assert (part[~pg] == 0).all() and (ent[~pg] == 0).all() and (ent[pg] > 0).all()
     logps.retain_grad()
-    loss, st = train.grpo_loss(logps, logps.detach(), torch.linspace(-1, 1, 8), pg)
+    loss, st = train.grpo_loss(logps, logps.detach(), torch.linspace(-1, 1, 16), pg)
     loss.backward()
     assert st["ratio_mean"] == 1.0 and st["clip_low_frac"] == st["clip_high_frac"] == 0.0
     assert (logps.grad[~pg] == 0).all()
-    has_adv = torch.linspace(-1, 1, 8)[:, None].expand_as(pg) != 0
+    has_adv = torch.linspace(-1, 1, 16)[:, None].expand_as(pg) != 0
     assert (logps.grad[pg & has_adv] != 0).all()
 
 
