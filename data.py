@@ -831,7 +831,7 @@ def tokenizer_corpus(n_scenes=200, seed=0):
     rng, texts = np.random.default_rng(seed), [DEPTH_PROMPT, SEG_PROMPT, REFLECTION_PROMPT]
     for k in range(n_scenes):
         scene = make_scene(scene_seed("train", k))
-        # not the opt-in shape lookups (train.py --shape-lookups): the default run's tokenizer does not depend on them
+        # not the shape lookups' wording: they were measured with tokenizers that never saw it (docs/perception.md)
         texts += [q.text + answer_text(q) for q in grounding_questions(scene, rng) if q.category != "shape"]
         for q in make_questions(scene, rng):
             texts.append(answer_text(q))

@@ -137,8 +137,8 @@ def test_cosine_schedule():
 
 
 def test_curriculum_examples(tiny_run):
-    """The stage-1 curriculum: before easy_steps every question is a lookup that must find a word (locate or
-    existence) about a scene of at most EASY_OBJECTS objects; until ground_steps such lookups about any scene; then
+    """The stage-1 curriculum: before easy_steps every question is a lookup that must find a word (locate, existence
+    or shape) about a scene of at most EASY_OBJECTS objects; until ground_steps such lookups about any scene; then
     every category. AMG examples are unaffected."""
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     pool = train.ScenePool(12)
@@ -150,7 +150,7 @@ def test_curriculum_examples(tiny_run):
         for _ in range(60):
             ids, mask, kind, i = train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)
             question = tok.decode([t for t in ids if t < 1000], skip_special_tokens=True)
-            finds = question.startswith(("Where is the", "Is there"))
+            finds = question.startswith(("Where is the", "Is there", "What shape is the"))
             seen.setdefault(step, set()).add((kind, finds, len(pool.scenes[i].objects) <= train.EASY_OBJECTS))
     assert seen[0] == seen[9] == {("ground", True, True)}
     assert seen[10] == seen[19] == {("ground", True, True), ("ground", True, False)}
@@ -200,6 +200,20 @@ def test_detail_phase(tiny_run):
                 if kind == "vqa":
                     kinds.add(detail(tok.decode([t for t in ids if t < 1000], skip_special_tokens=True)))
             assert kinds == want, (detail_steps, step, kinds)
+
+
+def test_shape_lookups(tiny_run):
+    """shape_lookups: "what shape is the red object?" is among the finding phase's questions and the later lookups;
+    off, it is never asked."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    codes = {"rgb": np.zeros((len(pool), 8, 8), int)}
+    for on in (True, False):
+        cfg, rng = train.TrainConfig(amg_share=0.0, ground_steps=5, shape_lookups=on), np.random.default_rng(0)
+        for step in (0, 50):  # finding phase, then the mixture
+            texts = [tok.decode([t for t in train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)[0] if t < 1000],
+                                skip_special_tokens=True) for _ in range(150)]
+            assert any("What shape is the" in t for t in texts) == on, (on, step)
 
 
 def test_find_amg(tiny_run):
@@ -315,7 +329,7 @@ def test_find_extra(tiny_run):
         assert all(a[0] == b[0] for a, b in zip(base, more))  # the batch's own examples are unchanged
         if step < 10:
             assert all(e[2] == "ground" for e in more[8:])
-            for ids, *_ in more[8:]:  # a locate ("... Give its cell.") or an existence ("... in the image?") question
-                assert any(has(ids, tok.encode(w).ids) for w in (" Give its cell.", " in the image?"))
+            for ids, *_ in more[8:]:  # a locate ("... Give its cell."), existence ("... in the image?") or shape question
+                assert any(has(ids, tok.encode(w).ids) for w in (" Give its cell.", " in the image?", "What shape is"))
         halves = [train.stage1_batch(extra, pool, codes, tok, 1000, step, rank=r, world=2) for r in (0, 1)]
         assert sorted(map(str, halves[0] + halves[1])) == sorted(map(str, more))
