@@ -568,10 +568,10 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
     generation, loss on the target codes only, as in the paper) with probability amg_share (with find_amg off: from
     step ground_steps on),
     otherwise one question with its answer (loss on the answer): a lookup question (LOOKUPS: "where is the red
-    object?", "what colour is the object at row r, column c?", "is there a red object?") with probability
-    ground_share, else a spatial question of any
+    object?", "what colour is the object at row r, column c?", "is there a red object?", with shape_lookups "what
+    shape is the red object?") with probability ground_share, else a spatial question of any
     category. Before step ground_steps (the curriculum) every question is a lookup that must find what a word names
-    (FINDS): a fresh model learns that only after tens of thousands of such questions (README, "Making the model see"),
+    (FINDS, and shape): a fresh model learns that only after tens of thousands of such questions (README, "Making the model see"),
     and every other category needs it. For the next compare_steps steps the spatial questions are two-object
     comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance.
     amg=False: always a question (the finding phase's find_extra lookups)."""
