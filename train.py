@@ -187,8 +187,8 @@ class TrainConfig:
     amg_share: float = 0.25        # share of AMG examples (depth + segmentation); 0 trains the control (questions only)
     find_amg: bool = True          # AMG during the finding phase too; False: it starts at ground_steps, so finding gets
                                    # the whole batch (README, "Making the model see")
-    shape_lookups: bool = True     # "what shape is the red object?" among the lookups (FINDS and LOOKUPS) too: the
-                                   # comparisons were learned in 6 of 6 (category, seed) cells, 5 of 6 without
+    shape_lookups: bool = False    # "what shape is the red object?" among the lookups (FINDS and LOOKUPS) too (opt-in:
+                                   # docs/perception.md, "A shape lookup by name")
     find_extra: float = 0.5        # extra lookup questions per step of the finding phase, as a share of --batch-size,
                                    # beside the batch: finding takes off only after tens of thousands of them
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)

@@ -15,8 +15,8 @@ step (seed by seed), and writes OUT/curves.json, OUT/curves.png and OUT/gain_VAR
 
 Variants (train.py flags added to the common ones): recipe (the defaults), control (--amg-share 0: no map
 generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (--no-patch-embed), no-compare
-(--compare-steps 0: the recipe without its comparison phase), no-shape (--no-shape-lookups: no "what shape is the red
-object?" among the lookups, the recipe before "A shape lookup by name" in docs/perception.md).
+(--compare-steps 0: the recipe without its comparison phase), shape (--shape-lookups: "what shape is the red object?"
+among the lookups).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -37,7 +37,7 @@ import data  # noqa: E402
 # no-compare: the recipe without its comparison phase, as in the runs of docs/perception.md before "Two objects compared"
 VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--ground-share", "0"],
             "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"],
-            "no-shape": ["--no-shape-lookups"]}
+            "shape": ["--shape-lookups"]}
 
 
 def run_dir(out, variant, seed):
