@@ -393,7 +393,7 @@ class UnifiedTransformer(nn.Module):
         return KVCache(self.cfg, batch_size, max_len, device=device, dtype=dtype)
 
     def forward(self, idx, targets=None, loss_mask=None, cache=None, key_padding_mask=None, reduction="mean",
-                pixels=None, last_only=False, logits_at=None):
+                pixels=None, logits_at=None):
         """idx (B,T) -> (logits (B,T,V), loss). targets[t] is the token after idx[t]; the loss is the mean
         cross-entropy over positions where loss_mask is True (all positions when loss_mask is None).
         reduction="none" returns (None, per-token losses (N_masked,) in row-major order of the mask) and runs the
@@ -401,9 +401,8 @@ class UnifiedTransformer(nn.Module):
         key_padding_mask (B,Tk) bool, True = real token, covers cached keys + idx.
         pixels (B,3,H,W) in [-1,1]: the input image of each row; with cfg.patch_embed its patch embeddings are added to
         the codes of the first image block in idx (the understanding path; generated maps stay codes only).
-        last_only: logits (B,1,V) of the last position only (the prefill of generation needs no others).
-        logits_at (B,T) bool: logits (N_true, V) of those positions only, in row-major order (GRPO needs the log-probs
-        of the sampled text tokens alone: the output layer and its softmax skip the prompt and the maps' codes)."""
+        logits_at (B,T) bool: logits (N_true, V) of those positions only, in row-major order (the prefill of generation
+        needs the last position's alone; GRPO the sampled text tokens': the output layer skips the rest)."""
         cfg = self.cfg
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -437,7 +436,7 @@ class UnifiedTransformer(nn.Module):
             return None, F.cross_entropy(self.lm_head(x[mask]).float(), targets[mask], reduction="none")
         if logits_at is not None:
             return self.lm_head(x[logits_at]), None                      # (N_true, C) -> (N_true, V)
-        logits = self.lm_head(x[:, -1:] if last_only else x)            # (B, T or 1, V)
+        logits = self.lm_head(x)                                         # (B, T, V)
         if targets is None:
             return logits, None
         # next-token cross-entropy over the masked positions only
@@ -503,7 +502,8 @@ class UnifiedTransformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         pad = stop_id if stop_id is not None else 0
         cache = self.new_cache(B, T0 + max_new_tokens, device=dev, dtype=self.embed.weight.dtype)
-        logits, _ = self(idx, cache=cache, key_padding_mask=kpm, pixels=pixels, last_only=True)  # pixels: the input image
+        last_pos = (torch.arange(T0, device=dev) == T0 - 1).expand(B, T0)  # (B, T0): the prefill's last position only
+        logits = self(idx, cache=cache, key_padding_mask=kpm, pixels=pixels, logits_at=last_pos)[0][:, None]  # (B, 1, V)
         out_tok, out_sampled, out_logp, out_mask = [], [], [], []
         for step in range(max_new_tokens):
             last = logits[:, -1].float()                                      # (B, V)

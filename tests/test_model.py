@@ -162,9 +162,9 @@ def test_kv_cache_matches_full_forward(impl, mot):
     assert cache.length == 24
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     # the prefill of generation computes the last position's logits only: the same numbers
-    last = model(idx[:, :10], cache=model.new_cache(2, 24), last_only=True)[0]
-    assert last.shape == (2, 1, full.shape[-1])
-    torch.testing.assert_close(last, full[:, 9:10], atol=1e-5, rtol=1e-5)
+    last = model(idx[:, :10], cache=model.new_cache(2, 24), logits_at=torch.arange(10).eq(9).expand(2, 10))[0]
+    assert last.shape == (2, full.shape[-1])
+    torch.testing.assert_close(last, full[:, 9], atol=1e-5, rtol=1e-5)
     # GRPO's log-probs need chosen positions only: logits_at gives those rows, in row-major order
     at = torch.rand(2, 24, generator=torch.Generator().manual_seed(1)) < 0.3
     torch.testing.assert_close(model(idx, logits_at=at)[0], full[at], atol=1e-5, rtol=1e-5)
