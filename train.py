@@ -189,6 +189,7 @@ class TrainConfig:
                                    # the whole batch (README, "Making the model see")
     shape_lookups: bool = False    # "what shape is the red object?" among the lookups (FINDS and LOOKUPS) too (opt-in:
                                    # docs/perception.md, "A shape lookup by name")
+    find_attribute: bool = False   # "is the red object a cube?" among the finding phase's questions too (opt-in)
     find_extra: float = 0.5        # extra lookup questions per step of the finding phase, as a share of --batch-size,
                                    # beside the batch: finding takes off only after tens of thousands of them
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
@@ -591,8 +592,9 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
         only = () if first or step is None else COMPARES if step < end else DETAILS if step < end + cfg.detail_steps else ()
         qs = data.grounding_questions(pool.scenes[i], rng) + data.make_questions(pool.scenes[i], rng)
         shape = ("shape",) if cfg.shape_lookups else ()
+        finds = FINDS + shape + (("attribute",) if cfg.find_attribute else ())  # attribute: find, then read its shape
         qs = ([q for q in qs if q.category in only] if only and not lookup else []) or \
-            [q for q in qs if q.category in (FINDS + shape if first else LOOKUPS + shape if lookup else data.CATEGORIES)]
+            [q for q in qs if q.category in (finds if first else LOOKUPS + shape if lookup else data.CATEGORIES)]
         segs, images = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}
     ids, mask = data.encode_segments(segs, tok, image_offset, images)
     return ids, mask, kind, i

@@ -37,7 +37,7 @@ import data  # noqa: E402
 # no-compare: the recipe without its comparison phase, as in the runs of docs/perception.md before "Two objects compared"
 VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--ground-share", "0"],
             "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"],
-            "shape": ["--shape-lookups"]}
+            "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"]}
 
 
 def run_dir(out, variant, seed):

@@ -216,6 +216,24 @@ def test_shape_lookups(tiny_run):
             assert any("What shape is the" in t for t in texts) == on, (on, step)
 
 
+def test_find_attribute(tiny_run):
+    """find_attribute: "is the red object a cube?" is among the finding phase's questions (off: only locate and
+    existence are); after the finding phase the mixture is the same either way."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    codes = {"rgb": np.zeros((len(pool), 8, 8), int)}
+    texts = {}
+    for on in (True, False):
+        cfg = train.TrainConfig(amg_share=0.0, ground_steps=5, compare_steps=0, find_attribute=on)
+        for step in (0, 50):
+            rng = np.random.default_rng(0)
+            texts[on, step] = [tok.decode([t for t in train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)[0]
+                                           if t < 1000], skip_special_tokens=True) for _ in range(150)]
+    attribute = lambda t: "Is the " in t  # existence asks "Is there ..."
+    assert any(map(attribute, texts[True, 0])) and not any(map(attribute, texts[False, 0]))
+    assert texts[True, 50] == texts[False, 50] and any(map(attribute, texts[True, 50]))
+
+
 def test_find_amg(tiny_run):
     """find_amg off: before ground_steps every example is a question (the finding phase gets the whole batch); from it
     on AMG takes its share, as it does from the start with find_amg on."""
