@@ -16,7 +16,8 @@ step (seed by seed), and writes OUT/curves.json, OUT/curves.png and OUT/gain_VAR
 Variants (train.py flags added to the common ones): recipe (the defaults), control (--amg-share 0: no map
 generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (--no-patch-embed), no-compare
 (--compare-steps 0: the recipe without its comparison phase), shape (--shape-lookups: "what shape is the red object?"
-among the lookups).
+among the lookups), find-attribute (--find-attribute: attribute among the finding phase's questions), detail
+(--detail-steps 1000: a phase of attribute and count after the comparisons).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -37,7 +38,8 @@ import data  # noqa: E402
 # no-compare: the recipe without its comparison phase, as in the runs of docs/perception.md before "Two objects compared"
 VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--ground-share", "0"],
             "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"],
-            "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"]}
+            "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"],
+            "detail": ["--detail-steps", "1000"]}
 
 
 def run_dir(out, variant, seed):
