@@ -27,13 +27,17 @@ p.add_argument("run", help="finished stage-1 run folder (stage1.pt, vq.pt, token
 p.add_argument("--categories", default="count,attribute,existence,left_right,relative_distance,relative_size")
 p.add_argument("--n", type=int, default=256, help="validation scenes (the evaluation's first n, its questions)")
 args = p.parse_args()
-
-model = cooper.Cooper.load(args.run)
+wanted = args.categories.split(",")
+if set(wanted) - set(data.CATEGORY_INFO):
+    p.error(f"unknown categories {sorted(set(wanted) - set(data.CATEGORY_INFO))}; choose from {list(data.CATEGORY_INFO)}")
+try:
+    model = cooper.Cooper.load(args.run)  # its most trained checkpoint (stage1.pt for a stage-1 run)
+except cooper.RunError as e:
+    sys.exit(f"error: {e}")
 scenes = [data.make_scene(data.scene_seed("val", i), model.cfg.image_size) for i in range(args.n)]
 rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
 rng = np.random.default_rng(0)  # the evaluation's questions: cooper.evaluate_vqa draws them with seed 0 in this order
 items = [(k, q) for k, s in enumerate(scenes) for q in data.make_questions(s, rng) + data.grounding_questions(s, rng)]
-wanted = args.categories.split(",")
 items = [(k, q) for k, q in items if q.category in wanted]
 outs = model.answer_batch(rgb[[k for k, _ in items]], [q.text for _, q in items])
 

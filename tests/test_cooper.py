@@ -119,6 +119,25 @@ def test_evaluate_uses_the_models_image_size(tiny_run):
     assert 0 <= m["seg/pixel_acc"] <= 1
 
 
+def test_answer_confusion(tiny_run, tmp_path):
+    """docs/answer_confusion.py: one truth x answer table per category (count split in two), whose cells add up to the
+    questions asked and whose diagonal is the exact count it prints; a folder that is not a run gives a one-line error."""
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "answer_confusion.py")
+    r = subprocess.run([sys.executable, script, tiny_run, "--n", "6", "--categories", "count,existence"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    blocks = [b.splitlines() for b in r.stdout.strip().split("\n\n")]
+    assert sorted(b[0].split(":")[0] for b in blocks) == ["count (all objects)", "count (one shape)", "existence"]
+    for b in blocks:
+        right, total = map(int, b[0].split(": ")[1].split(" ")[0].split("/"))
+        answers = b[1].split()
+        rows = {line.split()[0]: list(map(int, line.split()[1:])) for line in b[2:]}
+        assert sum(map(sum, rows.values())) == total
+        assert sum(v[answers.index(t)] for t, v in rows.items() if t in answers) == right
+    r = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "python train.py" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_perception_scripts(tiny_run, tmp_path):
     """docs/lookup_probe.py trains and scores a fresh model on chosen categories (with a curriculum switch) and prints
     held-out and blind accuracy per category; docs/vqa_curves.py runs the recipe as train.py runs and summarises their
