@@ -189,7 +189,8 @@ class TrainConfig:
                                    # the whole batch (README, "Making the model see")
     shape_lookups: bool = False    # "what shape is the red object?" among the lookups (FINDS and LOOKUPS) too (opt-in:
                                    # docs/perception.md, "A shape lookup by name")
-    find_attribute: bool = False   # "is the red object a cube?" among the finding phase's questions too (opt-in)
+    find_attribute: bool = False   # "is the red object a cube?" among the finding phase's questions too (opt-in; it
+                                   # delayed finding, attribute stayed at chance: docs/perception.md)
     find_extra: float = 0.5        # extra lookup questions per step of the finding phase, as a share of --batch-size,
                                    # beside the batch: finding takes off only after tens of thousands of them
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
