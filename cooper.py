@@ -374,16 +374,22 @@ def evaluate(cooper, n=64, split="val", seed=0, batch=32, n_vqa=256):
 
 
 @torch.no_grad()
+def vqa_items(image_size, n=256, split="val", seed=0):
+    """The VQA evaluation's questions: images (n, H, W, 3) of the first n scenes of `split`, and (scene index,
+    question) for every question of every scene."""
+    scenes = [data.make_scene(data.scene_seed(split, i), image_size) for i in range(n)]
+    rng = np.random.default_rng(seed)
+    items = [(k, q) for k, s in enumerate(scenes) for q in data.make_questions(s, rng) + data.grounding_questions(s, rng)]
+    return np.stack([s.rgb for s in scenes]), items
+
+
 def evaluate_vqa(cooper, n=256, split="val", seed=0, batch=256):
     """Direct-answer VQA and grounding on the first n scenes of `split`, every question of every scene. Per category:
     vqa/C the mean score (rule-based verifier; numbers by MRA), vqa_se/C its standard error, vqa_chance/C the wording
     prior's score on the same questions (data.prior_answer: the best answer given the question's wording alone) and
     vqa_blind/C the model's score when each question is asked about the next scene's image instead. vqa/mean and
     vqa_{chance,blind}/mean average the benchmark categories (data.CATEGORIES), not the grounding tasks."""
-    scenes = [data.make_scene(data.scene_seed(split, i), cooper.cfg.image_size) for i in range(n)]
-    rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
-    rng = np.random.default_rng(seed)
-    items = [(k, q) for k, s in enumerate(scenes) for q in data.make_questions(s, rng) + data.grounding_questions(s, rng)]
+    rgb, items = vqa_items(cooper.cfg.image_size, n, split, seed)
     m = {}
     for tag, shift in (("vqa", 0), ("vqa_blind", 1)):  # blind: the same question about another scene's image
         scores = {}

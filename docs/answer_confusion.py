@@ -15,8 +15,6 @@ import collections
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import cooper  # noqa: E402
 import data  # noqa: E402
@@ -34,10 +32,7 @@ try:
     model = cooper.Cooper.load(args.run)  # its most trained checkpoint (stage1.pt for a stage-1 run)
 except cooper.RunError as e:
     sys.exit(f"error: {e}")
-scenes = [data.make_scene(data.scene_seed("val", i), model.cfg.image_size) for i in range(args.n)]
-rgb = np.stack([s.rgb for s in scenes])  # (n, H, W, 3)
-rng = np.random.default_rng(0)  # the evaluation's questions: cooper.evaluate_vqa draws them with seed 0 in this order
-items = [(k, q) for k, s in enumerate(scenes) for q in data.make_questions(s, rng) + data.grounding_questions(s, rng)]
+rgb, items = cooper.vqa_items(model.cfg.image_size, args.n)  # the stage-1 evaluation's questions
 items = [(k, q) for k, q in items if q.category in wanted]
 outs = model.answer_batch(rgb[[k for k, _ in items]], [q.text for _, q in items])
 
