@@ -199,6 +199,8 @@ class TrainConfig:
     easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
+    detail_extra: float = 0.0      # after those phases, extra attribute and count questions per step, as a share of
+                                   # --batch-size, beside the batch (DETAILS: learned only when asked often)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward
     init: str = ""                 # finished stage-1 run to start from; "" = --out (sft.pt and grpo.pt go beside stage1.pt)
@@ -266,9 +268,10 @@ def parse_args(argv=None):
         p.error("--stage must be 1 or 2")
     if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
         p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
-    if cfg.find_extra < 0 or round(cfg.find_extra * cfg.batch_size) % DDP_WORLD:
-        p.error(f"--find-extra {cfg.find_extra} × --batch-size {cfg.batch_size} must be >= 0 and split evenly over "
-                f"{DDP_WORLD} processes")
+    for flag, share in (("--find-extra", cfg.find_extra), ("--detail-extra", cfg.detail_extra)):
+        if share < 0 or round(share * cfg.batch_size) % DDP_WORLD:
+            p.error(f"{flag} {share} × --batch-size {cfg.batch_size} must be >= 0 and split evenly over {DDP_WORLD} "
+                    "processes")
     if cfg.rl_batch % DDP_WORLD:
         p.error(f"--rl-batch {cfg.rl_batch} must split evenly over {DDP_WORLD} processes (groups are never split)")
     if cfg.stage == 1 and cfg.steps <= cfg.ground_steps and cfg.amg_share < 1:
@@ -565,7 +568,7 @@ COMPARES = ("relative_distance", "left_right", "relative_size")  # questions tha
 DETAILS = ("attribute", "count")  # questions that need the shape of found objects: at chance when mixed among all
 
 
-def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True):
+def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True, cats=()):
     """One training sequence of the stage-1 mixture, as (ids, loss mask, task, scene index): AMG (depth or segmentation
     generation, loss on the target codes only, as in the paper) with probability amg_share (with find_amg off: from
     step ground_steps on),
@@ -576,9 +579,13 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
     (FINDS, and shape): a fresh model learns that only after tens of thousands of such questions (README, "Making the model see"),
     and every other category needs it. For the next compare_steps steps the spatial questions are two-object
     comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance.
-    amg=False: always a question (the finding phase's find_extra lookups)."""
+    amg=False: always a question (the finding phase's find_extra lookups); cats: a spatial question of these categories
+    (the detail_extra questions)."""
     i = int(rng.integers(len(pool)))
-    if amg and rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
+    if cats:
+        qs = [q for q in data.make_questions(pool.scenes[i], rng) if q.category in cats]  # count is always asked
+        segs, images, kind = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}, "vqa"
+    elif amg and rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:
@@ -603,7 +610,8 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
 
 def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
     """One rank's share of the stage-1 batch of a step, a pure function of (seed, step): its batch_size / world
-    examples, plus, during the finding phase, every world-th of the find_extra × batch_size extra lookup questions."""
+    examples, plus, during the finding phase, every world-th of the find_extra × batch_size extra lookup questions,
+    and after the curriculum's phases every world-th of the detail_extra × batch_size extra attribute and count ones."""
     rng = np.random.default_rng([cfg.seed, 2, step])
     batch = [stage1_example(cfg, pool, codes, tok, image_offset, rng, step) for _ in range(cfg.batch_size)]
     per_rank = max(1, cfg.batch_size // world)
@@ -612,6 +620,10 @@ def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
         extra = round(cfg.find_extra * cfg.batch_size)
         batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, 3, step, j]),
                                  step, amg=False) for j in range(rank, extra, world)]
+    elif step >= cfg.ground_steps + cfg.compare_steps + cfg.detail_steps:  # the mixed phase: attribute and count beside it
+        extra = round(cfg.detail_extra * cfg.batch_size)
+        batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, 4, step, j]),
+                                 step, cats=DETAILS) for j in range(rank, extra, world)]
     return batch
 
 

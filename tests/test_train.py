@@ -330,6 +330,30 @@ def test_bf16_autocast_path(tmp_path, monkeypatch):
     assert len(losses(out, "stage1")) == 6
 
 
+def test_detail_extra(tiny_run):
+    """detail_extra: after the curriculum's phases each step adds detail_extra × batch_size attribute and count
+    questions beside the batch, the batch itself unchanged; before then nothing is added. Ranks split them."""
+    tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
+    pool = train.ScenePool(12)
+    codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
+    kw = dict(batch_size=8, ground_steps=4, compare_steps=3, detail_steps=2, find_extra=0)
+    plain, extra = train.TrainConfig(**kw), train.TrainConfig(**kw, detail_extra=0.5)  # 4 beside the batch's 8
+    texts = []
+    for step in (0, 5, 8, 9, 10, 30):
+        base = train.stage1_batch(plain, pool, codes, tok, 1000, step)
+        more = train.stage1_batch(extra, pool, codes, tok, 1000, step)
+        assert len(base) == 8 and len(more) == (12 if step >= 9 else 8), step
+        assert all(a[0] == b[0] for a, b in zip(base, more))  # the batch's own examples are unchanged
+        for ids, mask, kind, i in more[8:]:
+            texts.append(tok.decode([t for t in ids if t < 1000], skip_special_tokens=True))
+            assert kind == "vqa" and sum(mask) > 0
+        halves = [train.stage1_batch(extra, pool, codes, tok, 1000, step, rank=r, world=2) for r in (0, 1)]
+        assert sorted(map(str, halves[0] + halves[1])) == sorted(map(str, more))
+    shape = lambda t: t.startswith("Is the ") and t.split("?")[0].split()[-1] in data.SHAPES  # "Is the red object a cube?"
+    assert all(t.startswith("How many") or shape(t) for t in texts)
+    assert any(map(shape, texts)) and any(t.startswith("How many") for t in texts)
+
+
 def test_find_extra(tiny_run):
     """find_extra: during the finding phase each step adds find_extra × batch_size lookup questions (locate / existence),
     the batch itself unchanged; after it the batch is the plain one. Two ranks' shares together are the whole batch."""
