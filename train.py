@@ -20,7 +20,8 @@ Deviations from the paper (see also data.py and model.py):
 - The AMG loss is next-code cross-entropy on VQ codes instead of BAGEL's rectified-flow loss on VAE latents.
 - Understanding from scratch needs a curriculum the paper (which starts from BAGEL) does not: first only lookups that
   find what a word names, half a batch more of them per step (FINDS, --find-extra), then two-object comparisons
-  (COMPARES), then every category (docs/perception.md).
+  (COMPARES), then every category with a batch more of attribute and count questions per step (DETAILS,
+  --detail-extra) (docs/perception.md).
 - Stage 2 (`--stage 2`: SFT on interleaved trajectories, then GRPO with the CPR reward) is `stage2`,
   `grpo_step` and `grpo_loss` below, with reward.py and the runtime of cooper.py.
 
@@ -199,7 +200,7 @@ class TrainConfig:
     easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
-    detail_extra: float = 0.0      # after those phases, extra attribute and count questions per step, as a share of
+    detail_extra: float = 1.0      # after those phases, extra attribute and count questions per step, as a share of
                                    # --batch-size, beside the batch (DETAILS: learned only when asked often)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
     # stage 2: SFT on interleaved trajectories, then GRPO with the CPR reward

@@ -13,7 +13,8 @@ step (seed by seed), and writes OUT/curves.json, OUT/curves.png and OUT/gain_VAR
     python docs/vqa_curves.py --tokenizer-from runs/tiny --variants recipe,control --seeds 0,1 --jobs 2
     python docs/vqa_curves.py --summary-only --out runs/curves                    # tables again, no training
 
-Variants (train.py flags added to the common ones): recipe (the defaults), control (--amg-share 0: no map
+Variants (train.py flags added to the common ones): recipe (the defaults; before --detail-extra 1 became the default,
+the runs of docs/perception.md called "recipe" had --detail-extra 0), control (--amg-share 0: no map
 generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (--no-patch-embed), no-compare
 (--compare-steps 0: the recipe without its comparison phase), shape (--shape-lookups: "what shape is the red object?"
 among the lookups), find-attribute (--find-attribute: attribute among the finding phase's questions), detail

@@ -337,7 +337,7 @@ def test_detail_extra(tiny_run):
     pool = train.ScenePool(12)
     codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
     kw = dict(batch_size=8, ground_steps=4, compare_steps=3, detail_steps=2, find_extra=0)
-    plain, extra = train.TrainConfig(**kw), train.TrainConfig(**kw, detail_extra=0.5)  # 4 beside the batch's 8
+    plain, extra = train.TrainConfig(**kw, detail_extra=0), train.TrainConfig(**kw, detail_extra=0.5)  # 4 beside the batch's 8
     texts = []
     for step in (0, 5, 8, 9, 10, 30):
         base = train.stage1_batch(plain, pool, codes, tok, 1000, step)
