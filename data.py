@@ -16,6 +16,9 @@ Deviations from the paper, and why:
 - Flags (positive / negative / boundary) come per category from how the question is answered here:
   depth settles distances and relative size, segmentation settles counting, the RGB image alone settles
   existence and attributes; height and left/right are boundary cases.
+- Counting by shape ("how many cubes?") is asked only in scenes whose every object covers SHAPE_PIXELS, the rule
+  of the attribute question: in the others a shape cannot be read through 8×8 code cells, and the model answered
+  them below the wording's prior (docs/perception.md, "Counting a shape where it can be seen").
 - Tags are single added tokens of the tokenizer (DESIGN.md item 5); they decode to the same text.
 - Segmentation targets number their instances in the raster order a generator meets them (`reading_order`),
   not in an arbitrary order: a raster-order generator then gives each new object "the next colour". With
@@ -538,12 +541,14 @@ def make_questions(scene, rng):
             a, b = p
             qs.append(_q("relative_size", f"Which object is bigger in real 3-D size, not in the picture? "
                          f"(A) the {objs[a].ref} (B) the {objs[b].ref}", "A" if vol[a] > vol[b] else "B", p))
-    # Counting: every object, or the objects of one shape.
-    if rng.random() < 0.5:
-        match, text = list(range(len(objs))), "How many objects are there?"
-    else:
+    # Counting: every object, or the objects of one shape where every object is large enough to show its shape (the
+    # attribute question's rule; about a fifth of scenes). The same draws either way, so the stream is unchanged.
+    big = [i for i, o in enumerate(objs) if o.pixels >= SHAPE_PIXELS * (scene.rgb.shape[1] / IMAGE_SIZE) ** 2]
+    match, text = list(range(len(objs))), "How many objects are there?"
+    if rng.random() >= 0.5:
         s = SHAPES[rng.integers(3)]
-        match, text = [i for i, o in enumerate(objs) if o.shape == s], f"How many {PLURALS[s]} are there?"
+        if len(big) == len(objs):
+            match, text = [i for i, o in enumerate(objs) if o.shape == s], f"How many {PLURALS[s]} are there?"
     qs.append(_q("count", text, str(len(match)), match))
     if cand:
         # Left / right in the image: projected 3-D centres >= 4 px apart (at 64 px) and mask centroids agree.
@@ -565,7 +570,6 @@ def make_questions(scene, rng):
         qs.append(_q("existence", f"Is there {_a(absent[rng.integers(len(absent))] + ' object')} in the image?",
                      "no", []))
     # Attribute: the shape of an object large enough to show it; half the time the true shape is asked.
-    big = [i for i, o in enumerate(objs) if o.pixels >= SHAPE_PIXELS * (scene.rgb.shape[1] / IMAGE_SIZE) ** 2]
     if big:
         i = big[rng.integers(len(big))]
         yes = rng.random() < 0.5

@@ -121,9 +121,10 @@ def test_evaluate_uses_the_models_image_size(tiny_run):
 
 def test_answer_confusion(tiny_run, tmp_path):
     """docs/answer_confusion.py: one truth x answer table per category (count split in two), whose cells add up to the
-    questions asked and whose diagonal is the exact count it prints; a folder that is not a run gives a one-line error."""
+    questions asked and whose diagonal is the exact count it prints; a folder that is not a run gives a one-line error.
+    (Counting a shape is asked only in scenes whose every object shows its shape: the first in scene 10.)"""
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "answer_confusion.py")
-    r = subprocess.run([sys.executable, script, tiny_run, "--n", "6", "--categories", "count,existence"],
+    r = subprocess.run([sys.executable, script, tiny_run, "--n", "10", "--categories", "count,existence"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     blocks = [b.splitlines() for b in r.stdout.strip().split("\n\n")]

@@ -204,6 +204,8 @@ def check_answer(s, q):
         return f"{o.height:.1f}"
     if q.category == "count":
         what = re.search(r"How many (.+) are there", q.text).group(1)
+        # a shape is counted only where every object is large enough for the code grid to show it
+        assert what == "objects" or min(o.pixels for o in s.objects) >= data.SHAPE_PIXELS
         return str(sum(what == "objects" or o.shape + "s" == what for o in s.objects))
     if q.category == "left_right":
         a, b = (by_color[n] for n in re.search(r"Is the (\w+) object to the left of the (\w+) object", q.text).groups())
@@ -231,7 +233,9 @@ def test_answers_match_3d_ground_truth(scenes):
             for i in q.objects if q.category not in ("count", "existence", "attribute") else []:
                 assert f"the {s.objects[i].color} object" in q.text
             assert check_answer(s, q) == q.answer, (s.seed, q)
-    assert seen == set(data.CATEGORIES) and len(seen) >= 7
+            seen.add(q.text if q.category == "count" else q.category)
+    assert seen >= set(data.CATEGORIES) and len(seen) >= 7
+    assert {"How many objects are there?", "How many cubes are there?"} <= seen  # both kinds of counting occur
 
 
 def test_answers_balanced():
