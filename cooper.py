@@ -701,6 +701,8 @@ def build_parser():
     e.add_argument("--n", type=int, default=64, help="held-out scenes for the map metrics")
     e.add_argument("--n-vqa", type=int, default=256, help="held-out scenes for VQA (every question of each)")
     e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--seed", type=int, default=0,
+                   help="draw of the questions and sampling seed (train.py's evaluation uses the run's --seed)")
     e.add_argument("--n-modes", type=int, default=128,
                    help="held-out scenes for the answering modes of a stage-2 run (every question, every mode)")
     for q in (a, e):
@@ -749,7 +751,7 @@ def trajectory_strip(image, result, width=640):
 def run_command(args):
     c = Cooper.load(args.run, args.device)
     if args.cmd == "eval":
-        m, samples = evaluate(c, args.n, args.split, n_vqa=args.n_vqa)
+        m, samples = evaluate(c, args.n, args.split, seed=args.seed, n_vqa=args.n_vqa)
         print(format_table(m))
         with open(os.path.join(args.run, f"eval_{args.split}.json"), "w") as f:
             json.dump(m, f, indent=1)

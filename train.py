@@ -172,6 +172,8 @@ class TrainConfig:
     fsdp: bool = False             # shard parameters with FSDP under torchrun (large presets) instead of DDP
     tokenizer_from: str = ""       # copy tokenizer.json + vq.pt from this run instead of training a new VQ tokenizer
     patch_embed: bool = True       # the understanding path: pixel patches of the input image added to its codes
+    cpu_bf16: bool = False         # bf16 autocast on a CPU too (opt-in: a step 1.3-1.5x faster on a CPU with AVX512-BF16,
+                                   # docs/step_cost.py; other numerics, docs/perception.md "What is left")
     # VQ tokenizer phase
     vq_steps: int = 1500           # optimizer steps of the VQ image tokenizer
     vq_batch: int = 16             # images per VQ step
@@ -230,8 +232,8 @@ class TrainConfig:
 
 
 # fields whose change does not change what a run computes: allowed to differ on --resume
-RUNTIME_FIELDS = {"resume", "max_steps", "device", "out", "compile", "attn", "eval_every", "save_every", "log_every", "n_eval",
-                  "n_vqa", "n_eval2", "init"}
+RUNTIME_FIELDS = {"resume", "max_steps", "device", "out", "compile", "attn", "cpu_bf16", "eval_every", "save_every",
+                  "log_every", "n_eval", "n_vqa", "n_eval2", "init"}
 
 
 def field_help():
@@ -317,10 +319,11 @@ def setup_distributed(cfg):
     return device
 
 
-def autocast_for(device):
-    """bf16 autocast only where the hardware supports it; float32 elsewhere (CPU bf16 matmuls are slow here)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device, cpu_bf16=False):
+    """bf16 autocast on GPUs that support it, and on a CPU when asked (cpu_bf16: fast only on CPUs with bf16 matmuls,
+    such as AVX512-BF16); float32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and cpu_bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -709,7 +712,7 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
     accum = max(1, per_rank // cfg.micro_batch)  # gradient accumulation derived from the total batch size
     print0(f"stage 1: {model.num_params() / 1e6:.2f} M parameters, batch {cfg.batch_size} = {DDP_WORLD} ranks × "
            f"{accum} micro-batches × {per_rank // accum}")
-    amp = autocast_for(device)
+    amp = autocast_for(device, cfg.cpu_bf16)
 
     rgb = pool.images("rgb") if mcfg.patch_embed else None  # (N, H, W, 3) input images for the understanding path
 
@@ -956,7 +959,7 @@ def stage2(cfg):
     pool = ScenePool(s1.n_train_scenes, mcfg.image_size)
     codes = encode_pool(vq.eval(), pool, device)
     rgb = pool.images("rgb")
-    amp = autocast_for(device)
+    amp = autocast_for(device, cfg.cpu_bf16)
     per_rank = max(1, cfg.batch_size // DDP_WORLD)
     accum = max(1, per_rank // cfg.micro_batch)
 

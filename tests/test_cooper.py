@@ -107,6 +107,18 @@ def test_ask_command_writes_maps(tiny_run, tmp_path, capsys):
         assert Image.open(tmp_path / "maps" / f).size == (64, 64)
 
 
+def test_eval_command_reproduces_the_runs_evaluation(tiny_run, tmp_path):
+    """`cooper.py eval --split val --seed S` with the run's sizes gives exactly the numbers of train.py's final
+    evaluation (which draws its questions with the run's --seed), and writes them to eval_val.json."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    cooper.main(["eval", "--run", str(run), "--split", "val", "--seed", "0", "--n", "2", "--n-vqa", "3"])
+    got = json.load(open(run / "eval_val.json"))
+    want = [json.loads(line) for line in open(run / "metrics.jsonl") if '"eval"' in line][-1]
+    keys = [k for k in want if "/" in k]
+    assert any(k.startswith("vqa/") for k in keys) and any(k.startswith("depth/") for k in keys)
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+
 def test_evaluate_uses_the_models_image_size(tiny_run):
     """A preset with another image size (base: 128×128) is evaluated on scenes rendered at its size, and its training
     pool is rendered at that size too (a 64×64 world under a 128×128 model once crashed the evaluation)."""

@@ -319,13 +319,16 @@ def test_ddp_and_fsdp_two_processes(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
-def test_bf16_autocast_path(tmp_path, monkeypatch):
-    """The GPU path (every forward under bf16 autocast) run on the CPU: a miniature stage 1 trains with finite
-    losses and evaluates. Autocast once broke the fused attention's fp32 accumulators, which a CPU-only
-    float32 run never exercises."""
-    monkeypatch.setattr(train, "autocast_for", lambda device: lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+def test_bf16_autocast_path(tmp_path):
+    """The GPU path (every forward under bf16 autocast), on the CPU with --cpu-bf16: a miniature stage 1 trains with
+    finite losses and evaluates. Autocast once broke the fused attention's fp32 accumulators, which a CPU-only
+    float32 run never exercises. Without the flag a CPU step stays float32."""
+    a = torch.randn(4, 4)
+    for on, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        with train.autocast_for(torch.device("cpu"), on)():
+            assert (a @ a).dtype == dtype
     out = str(tmp_path / "bf16")
-    train.main(["--stage", "1", "--out", out] + FAST)
+    train.main(["--stage", "1", "--out", out, "--cpu-bf16"] + FAST)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(out, "stage1").values())
     assert len(losses(out, "stage1")) == 6
 
