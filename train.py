@@ -172,8 +172,8 @@ class TrainConfig:
     fsdp: bool = False             # shard parameters with FSDP under torchrun (large presets) instead of DDP
     tokenizer_from: str = ""       # copy tokenizer.json + vq.pt from this run instead of training a new VQ tokenizer
     patch_embed: bool = True       # the understanding path: pixel patches of the input image added to its codes
-    cpu_bf16: bool = False         # bf16 autocast on a CPU too (opt-in: a step 1.3-1.5x faster on a CPU with AVX512-BF16,
-                                   # docs/step_cost.py; other numerics, docs/perception.md "What is left")
+    cpu_bf16: bool = False         # bf16 autocast on a CPU too (opt-in: steps 1.2-1.5x faster on an AVX512-BF16 CPU, a
+                                   # run 11 % shorter, other numerics; docs/perception.md "bfloat16 autocast on the CPU")
     # VQ tokenizer phase
     vq_steps: int = 1500           # optimizer steps of the VQ image tokenizer
     vq_batch: int = 16             # images per VQ step
