@@ -620,14 +620,10 @@ def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
     batch = [stage1_example(cfg, pool, codes, tok, image_offset, rng, step) for _ in range(cfg.batch_size)]
     per_rank = max(1, cfg.batch_size // world)
     batch = batch[rank * per_rank:(rank + 1) * per_rank]
-    if step < cfg.ground_steps:  # the finding phase: more lookups beside the batch (a bigger batch of questions)
-        extra = round(cfg.find_extra * cfg.batch_size)
-        batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, 3, step, j]),
-                                 step, amg=False) for j in range(rank, extra, world)]
-    elif step >= cfg.ground_steps + cfg.compare_steps + cfg.detail_steps:  # the mixed phase: attribute and count beside it
-        extra = round(cfg.detail_extra * cfg.batch_size)
-        batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, 4, step, j]),
-                                 step, cats=DETAILS) for j in range(rank, extra, world)]
+    finding, mixed = step < cfg.ground_steps, step >= cfg.ground_steps + cfg.compare_steps + cfg.detail_steps
+    share, stream, kw = (cfg.find_extra, 3, {"amg": False}) if finding else (cfg.detail_extra * mixed, 4, {"cats": DETAILS})
+    batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, stream, step, j]),
+                             step, **kw) for j in range(rank, round(share * cfg.batch_size), world)]  # own streams
     return batch
 
 
@@ -649,6 +645,14 @@ def collate(examples, device, rgb=None):
     return idx.to(device), tgt.to(device), lm.to(device), pixels
 
 
+def chunk_cuts(lens, accum):
+    """Forward-chunk boundaries of ascending lengths: accum equal chunks, or two cut where padding is least."""
+    n = len(lens)
+    if accum > 1 or n < 2:
+        return [a * n // accum for a in range(accum + 1)]
+    return [0, min(range(1, n), key=lambda k: k * lens[k - 1] + (n - k) * lens[-1]), n]
+
+
 def lm_step(examples, wrapped, device, rgb, accum, amp, t0):
     """Forward + backward of one rank's share of a batch of (ids, loss mask, task, scene index) examples; returns the
     stats of the progress line. Each task's loss is a mean over its own target tokens, weighted by its share of the
@@ -658,12 +662,8 @@ def lm_step(examples, wrapped, device, rgb, accum, amp, t0):
     for ids, m, kind, _ in mine:
         n_tok[kind] = n_tok.get(kind, 0) + sum(m[1:])
         n_seq[kind] = n_seq.get(kind, 0) + 1
-    # forward passes over length-sorted chunks: short question and long map sequences are not padded to one length.
-    # accum chunks of equal size (the micro-batch), or, when the batch fits in one, two split where padding is least
-    n, lens = len(mine), [len(e[0]) for e in mine]
-    cuts = [a * n // accum for a in range(accum + 1)]
-    if accum == 1 and n > 1:
-        cuts = [0, min(range(1, n), key=lambda k: k * lens[k - 1] + (n - k) * lens[-1]), n]
+    # forward passes over length-sorted chunks: short question and long map sequences are not padded to one length
+    cuts = chunk_cuts([len(e[0]) for e in mine], accum)
     sums, total = {}, 0.0
     for a in range(len(cuts) - 1):
         chunk = mine[cuts[a]:cuts[a + 1]]

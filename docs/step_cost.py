@@ -3,15 +3,14 @@
 For one step of the finding phase, the comparison phase and the mixed phase of the default schedule, it builds the
 batch exactly as `train.py` does (`stage1_batch`) and times it, counts the padded tokens of `lm_step`'s two
 length-sorted chunks against the real ones, and times `lm_step` (median of --reps after one warm-up) with the fused
-attention and with SDPA, each in float32 and under bfloat16 autocast (which `train.py` uses only on GPUs). A fresh
-model: a step's cost does not depend on the weights.
+attention and with SDPA, each in float32 and under bfloat16 autocast (`train.py` uses it on GPUs and with
+--cpu-bf16). A fresh model: a step's cost does not depend on the weights.
 
     python docs/step_cost.py runs/tiny [--threads 2] [--reps 5] [--scenes 1000]
 
 Results: README ("Time") and docs/perception.md ("What is left").
 """
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -44,14 +43,8 @@ cooper.load_weights(vq, train.load_checkpoint(os.path.join(args.run, "vq.pt"))["
 pool = train.ScenePool(args.scenes, mcfg.image_size)
 codes, rgb = train.encode_pool(vq.eval(), pool, "cpu"), pool.images("rgb")
 steps = {"finding": 1000, "comparison": cfg.ground_steps + 500, "mixed": cfg.ground_steps + cfg.compare_steps + 500}
-amps = {"float32": contextlib.nullcontext, "bf16 autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
-
-
-def two_chunks(lens):
-    """Padded tokens of lm_step's forward chunks when a batch fits one micro-batch: two, cut where padding is least."""
-    n, lens = len(lens), sorted(lens)
-    k = min(range(1, n), key=lambda c: c * lens[c - 1] + (n - c) * lens[-1])
-    return k * lens[k - 1] + (n - k) * lens[-1]
+cpu = torch.device("cpu")
+amps = {"float32": train.autocast_for(cpu), "bf16 autocast": train.autocast_for(cpu, cpu_bf16=True)}
 
 
 print(f"{args.threads} thread(s); seconds per step (median of {args.reps})")
@@ -59,9 +52,11 @@ for phase, step in steps.items():
     t0 = time.perf_counter()
     batch = train.stage1_batch(cfg, pool, codes, tok, mcfg.image_offset, step)
     t_data = time.perf_counter() - t0
-    lens = [len(e[0]) - 1 for e in batch]
+    lens = sorted(len(e[0]) - 1 for e in batch)
+    cuts = train.chunk_cuts(lens, 1)  # lm_step's forward chunks; each is padded to its longest sequence
+    padded = sum((b - a) * lens[b - 1] for a, b in zip(cuts, cuts[1:]))
     row = [f"{phase:<10} step {step}: {len(batch)} sequences, {sum(lens)} tokens, padding "
-           f"{two_chunks(lens) / sum(lens) - 1:.1%}, batch built in {t_data:.3f} s"]
+           f"{padded / sum(lens) - 1:.1%}, batch built in {t_data:.3f} s"]
     for impl in ("fused", "sdpa"):
         for name, amp in amps.items():
             torch.manual_seed(0)
