@@ -462,7 +462,12 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
                 save(nxt)
             if on_eval and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 on_eval(step + 1)
-            bar.update(min(nxt, stop) - step)
+            if nxt == step + 1:
+                bar.update(1)
+            else:  # a skip: restart the bar's clock there, so that its rate and time left count trained steps only
+                bar.reset(total=stop)
+                bar.initial = bar.n = min(nxt, stop)
+                bar.refresh()
             step = nxt
         bar.close()
     except KeyboardInterrupt:
