@@ -198,11 +198,7 @@ class TrainConfig:
                                    # beside the batch: finding takes off only after tens of thousands of them
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
-    ground_steps: int = 3500       # the curriculum: for at most this many steps every question is locate or existence
-                                   # (FINDS); it ends earlier, takeoff_wait steps after the take-off of finding:
-    takeoff_loss: float = 0.08     # the lookups' training loss (mean of the last TAKEOFF_WINDOW steps) falls below
-                                   # this; the steps skipped are not trained (0 = never earlier: always ground_steps)
-    takeoff_wait: int = 500        # steps of finding after the take-off, before the comparisons start
+    ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
     easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
@@ -429,7 +425,6 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
         check_same_config(ck, cfg, module.cfg, ckpt_path)
         set_full_state(module, opt, ck["model"], ck["optimizer"], sharded(module, cfg), ckpt_path); set_rng_state(ck["rng"])
         start = ck["step"]
-        state_extra.update({k: ck[k] for k in state_extra if k in ck})  # the step_fn's own state (take-off of finding)
         print0(f"{name}: resumed from {ckpt_path} at step {start}")
     log = MetricsLog(os.path.join(run, "metrics.jsonl"), name, start)
     stop = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
@@ -442,15 +437,14 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
                          **state_extra}, ckpt_path)
 
     step = start
-    bar = tqdm(desc=name, initial=start, total=stop, disable=DDP_RANK > 0, dynamic_ncols=True)
+    bar = tqdm(range(start, stop), desc=name, initial=start, total=stop, disable=DDP_RANK > 0, dynamic_ncols=True)
     try:
-        while step < stop:
+        for step in bar:
             t0 = time.time()
             lr = cosine_lr(step, total, peak_lr, peak_lr * cfg.min_lr / cfg.lr, cfg.warmup if warmup is None else warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
             stats = step_fn(step)
-            nxt = stats.pop("next_step", step + 1)  # a step_fn may skip steps (the end of finding)
             gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -459,24 +453,17 @@ def run_phase(name, cfg, run, module, wrapped, opt, total, peak_lr, step_fn, sta
             if (step + 1) % (log_every or cfg.log_every) == 0 or step + 1 == stop:
                 log.write({"phase": name, "step": step + 1, **stats})
             if (step + 1) % cfg.save_every == 0:
-                save(nxt)
+                save(step + 1)
             if on_eval and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
                 on_eval(step + 1)
-            if nxt == step + 1:
-                bar.update(1)
-            else:  # a skip: restart the bar's clock there, so that its rate and time left count trained steps only
-                bar.reset(total=stop)
-                bar.initial = bar.n = min(nxt, stop)
-                bar.refresh()
-            step = nxt
-        bar.close()
+        step = stop
     except KeyboardInterrupt:
         save(step)
         print0(f"\ninterrupted: {name} saved at step {step} to {ckpt_path}; continue with the same command and --resume")
         sys.exit(130)
     check_replicas(module, name, cfg)
-    save(step)
-    return step >= total
+    save(stop)
+    return stop == total
 
 
 def sharded(module, cfg):
@@ -698,32 +685,6 @@ def lm_step(examples, wrapped, device, rgb, accum, amp, t0):
     return stats
 
 
-TAKEOFF_WINDOW = 100  # steps over which the lookups' training loss is averaged to see the take-off of finding
-
-
-def end_of_finding(cfg, state, step, loss, device="cpu"):
-    """The take-off of finding, seen in the training loss: a fresh model's lookup loss sits on a plateau (~0.2 per
-    token) for 1,200-3,000 steps, then falls within ~200 steps below 0.05 (docs/perception.md, "Ending finding at its
-    take-off"). Once the mean of the last TAKEOFF_WINDOW steps (all ranks) is below takeoff_loss, finding goes on for
-    takeoff_wait steps, then the run skips to step ground_steps: {"next_step": ground_steps}, else {}. state (the
-    window, the step of the take-off) lives in the checkpoint."""
-    if not cfg.takeoff_loss or step >= cfg.ground_steps:
-        return {}
-    if state["takeoff_step"] < 0:
-        if DDP_WORLD > 1:  # every rank must decide alike: the mean over ranks
-            t = torch.tensor([loss], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            loss = t.item() / DDP_WORLD
-        state["takeoff_losses"] = (state["takeoff_losses"] + [loss])[-TAKEOFF_WINDOW:]
-        if len(state["takeoff_losses"]) == TAKEOFF_WINDOW and np.mean(state["takeoff_losses"]) < cfg.takeoff_loss:
-            state["takeoff_step"] = step + 1
-            print0(f"\nstage1: finding took off by step {step + 1}; comparisons from step "
-                   f"{min(cfg.ground_steps, step + 1 + cfg.takeoff_wait)}")
-    if 0 <= state["takeoff_step"] and step + 1 == state["takeoff_step"] + cfg.takeoff_wait < cfg.ground_steps:
-        return {"next_step": cfg.ground_steps}
-    return {}
-
-
 def encode_pool(vq, pool, device, batch=256):
     """VQ codes of every pool image for each modality, computed once: {modality: (N, h, w) numpy}."""
     out = {}
@@ -755,19 +716,16 @@ def train_stage1_lm(cfg, mcfg, run, pool, vq, tok, device):
 
     rgb = pool.images("rgb") if mcfg.patch_embed else None  # (N, H, W, 3) input images for the understanding path
 
-    takeoff = {"takeoff_losses": [], "takeoff_step": -1}  # saved in the checkpoints: a resumed run ends finding alike
-
     def step_fn(step):
         t0 = time.time()
         batch = stage1_batch(cfg, pool, codes, tok, mcfg.image_offset, step, DDP_RANK, DDP_WORLD)
-        stats = lm_step(batch, wrapped, device, rgb, accum, amp, t0)
-        return {**stats, **end_of_finding(cfg, takeoff, step, stats.get("loss_ground", math.inf), device)}
+        return lm_step(batch, wrapped, device, rgb, accum, amp, t0)
 
     def on_eval(step):  # a point of the VQA learning curve
         evaluate_and_report(cfg, run, model, vq, tok, device, step, maps=False)
 
     # under FSDP rank 0 alone cannot run the sharded model, so evaluation waits for the gathered final checkpoint
-    done = run_phase("stage1", cfg, run, model, wrapped, opt, cfg.steps, cfg.lr, step_fn, takeoff,
+    done = run_phase("stage1", cfg, run, model, wrapped, opt, cfg.steps, cfg.lr, step_fn, {},
                      None if sharded(model, cfg) else on_eval)
     if sharded(model, cfg) and DDP_RANK == 0:
         model = UnifiedTransformer(mcfg).to(device)

@@ -19,8 +19,7 @@ generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (
 (--compare-steps 0: the recipe without its comparison phase), shape (--shape-lookups: "what shape is the red object?"
 among the lookups), find-attribute (--find-attribute: attribute among the finding phase's questions), detail
 (--detail-steps 1000: a phase of attribute and count after the comparisons), detail-extra and detail-extra-1
-(--detail-extra 0.5 / 1: half a batch / a batch of attribute and count questions beside each step after the comparisons),
-no-takeoff (--takeoff-loss 0: finding always to step 3,500, not ended at its take-off).
+(--detail-extra 0.5 / 1: half a batch / a batch of attribute and count questions beside each step after the comparisons).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -43,7 +42,7 @@ VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--grou
             "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"],
             "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"],
             "detail": ["--detail-steps", "1000"], "detail-extra": ["--detail-extra", "0.5"],
-            "detail-extra-1": ["--detail-extra", "1"], "no-takeoff": ["--takeoff-loss", "0"]}
+            "detail-extra-1": ["--detail-extra", "1"]}
 
 
 def run_dir(out, variant, seed):

@@ -87,43 +87,6 @@ def test_resume_is_exact(tmp_path, one_thread):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_end_of_finding(monkeypatch):
-    """The take-off of finding, hand-computed: with a window of 2 steps and a threshold of 0.1, losses 0.2, 0.2, 0.05,
-    0.05 put the window's mean below it after step 3 (0.2, 0.125, 0.05), so finding takes off by step 4 and, 3 steps
-    later, after step 6, the run skips to ground_steps. Never when the wait reaches ground_steps, or with takeoff_loss 0."""
-    monkeypatch.setattr(train, "TAKEOFF_WINDOW", 2)
-    cfg = train.parse_args(["--takeoff-loss", "0.1", "--takeoff-wait", "3", "--ground-steps", "10"])
-    state = {"takeoff_losses": [], "takeoff_step": -1}
-    out = [train.end_of_finding(cfg, state, s, l) for s, l in enumerate([0.2, 0.2, 0.05, 0.05, 0.3, 0.3, 0.3, 0.3])]
-    assert out == [{}] * 6 + [{"next_step": 10}, {}] and state["takeoff_step"] == 4
-    late = train.parse_args(["--takeoff-loss", "0.1", "--takeoff-wait", "8", "--ground-steps", "10"])
-    state = {"takeoff_losses": [], "takeoff_step": -1}
-    assert all(train.end_of_finding(late, state, s, 0.05) == {} for s in range(12)) and state["takeoff_step"] == 2
-    off = train.parse_args(["--takeoff-loss", "0", "--ground-steps", "10"])
-    state = {"takeoff_losses": [], "takeoff_step": -1}
-    assert all(train.end_of_finding(off, state, s, 0.0) == {} for s in range(12)) and state["takeoff_step"] == -1
-
-
-def test_resume_is_exact_across_the_end_of_finding(tiny_run, tmp_path, one_thread, monkeypatch):
-    """A run whose finding takes off at its first step (window of 1 step, any loss below 1,000) trains steps 0, 1,
-    then skips to ground_steps 4: steps 0, 1, 4, 5, 6. Stopped between the take-off and the skip, and again after the
-    skip, and resumed, it logs the same losses and ends with the same weights: the take-off is in the checkpoint."""
-    monkeypatch.setattr(train, "TAKEOFF_WINDOW", 1)
-    flags = FAST + ["--tokenizer-from", tiny_run, "--takeoff-loss", "1000", "--takeoff-wait", "1", "--ground-steps",
-                    "4", "--steps", "7"]
-    ref, out = str(tmp_path / "uninterrupted"), str(tmp_path / "resumed")
-    train.main(["--stage", "1", "--out", ref] + flags)
-    train.main(["--stage", "1", "--out", out, "--max-steps", "1"] + flags)  # the take-off, not yet the skip
-    train.main(["--stage", "1", "--out", out, "--max-steps", "5", "--resume"] + flags)  # 1 → skip to 4 → 5
-    train.main(["--stage", "1", "--out", out, "--resume"] + flags)  # 5 → 7
-    a, b = losses(ref, "stage1"), losses(out, "stage1")
-    assert sorted(a) == sorted(b) == [1, 2, 5, 6, 7]
-    assert a == b
-    wa = torch.load(os.path.join(ref, "stage1.pt"), weights_only=False)["model"]
-    wb = torch.load(os.path.join(out, "stage1.pt"), weights_only=False)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def test_run_folder_files(tiny_run):
     """A finished run holds what DESIGN.md lists: config, tokenizer, checkpoints, metrics with an evaluation, PNGs."""
     for f in ("config.json", "tokenizer.json", "vq.pt", "stage1.pt", "metrics.jsonl", "samples.png", "loss.png"):
