@@ -202,6 +202,8 @@ class TrainConfig:
     easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
+    compare_extra: float = 0.0     # extra comparison questions per step of the comparison phase, as a share of
+                                   # --batch-size, beside the batch (COMPARES)
     detail_extra: float = 1.0      # after those phases, extra attribute and count questions per step, as a share of
                                    # --batch-size, beside the batch (DETAILS: learned only when asked often)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
@@ -271,7 +273,8 @@ def parse_args(argv=None):
         p.error("--stage must be 1 or 2")
     if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
         p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
-    for flag, share in (("--find-extra", cfg.find_extra), ("--detail-extra", cfg.detail_extra)):
+    for flag, share in (("--find-extra", cfg.find_extra), ("--compare-extra", cfg.compare_extra),
+                        ("--detail-extra", cfg.detail_extra)):
         if share < 0 or round(share * cfg.batch_size) % DDP_WORLD:
             p.error(f"{flag} {share} × --batch-size {cfg.batch_size} must be >= 0 and split evenly over {DDP_WORLD} "
                     "processes")
@@ -586,8 +589,9 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
     amg=False: always a question (the finding phase's find_extra lookups); cats: a spatial question of these categories
     (the detail_extra questions)."""
     i = int(rng.integers(len(pool)))
-    if cats:
-        qs = [q for q in data.make_questions(pool.scenes[i], rng) if q.category in cats]  # count is always asked
+    if cats:  # a scene with a question of these categories: count is always asked, a comparison may not be
+        while not (qs := [q for q in data.make_questions(pool.scenes[i], rng) if q.category in cats]):
+            i = int(rng.integers(len(pool)))
         segs, images, kind = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}, "vqa"
     elif amg and rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
@@ -614,14 +618,17 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
 
 def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
     """One rank's share of the stage-1 batch of a step, a pure function of (seed, step): its batch_size / world
-    examples, plus, during the finding phase, every world-th of the find_extra × batch_size extra lookup questions,
-    and after the curriculum's phases every world-th of the detail_extra × batch_size extra attribute and count ones."""
+    examples, plus every world-th of the extra questions beside it: find_extra × batch_size lookups during the finding
+    phase, compare_extra × batch_size comparisons during the comparison phase, and after the curriculum's phases
+    detail_extra × batch_size attribute and count questions."""
     rng = np.random.default_rng([cfg.seed, 2, step])
     batch = [stage1_example(cfg, pool, codes, tok, image_offset, rng, step) for _ in range(cfg.batch_size)]
     per_rank = max(1, cfg.batch_size // world)
     batch = batch[rank * per_rank:(rank + 1) * per_rank]
-    finding, mixed = step < cfg.ground_steps, step >= cfg.ground_steps + cfg.compare_steps + cfg.detail_steps
-    share, stream, kw = (cfg.find_extra, 3, {"amg": False}) if finding else (cfg.detail_extra * mixed, 4, {"cats": DETAILS})
+    comparing = cfg.ground_steps <= step < cfg.ground_steps + cfg.compare_steps
+    mixed = step >= cfg.ground_steps + cfg.compare_steps + cfg.detail_steps
+    share, stream, kw = (cfg.find_extra, 3, {"amg": False}) if step < cfg.ground_steps else \
+        (cfg.compare_extra, 5, {"cats": COMPARES}) if comparing else (cfg.detail_extra * mixed, 4, {"cats": DETAILS})
     batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, stream, step, j]),
                              step, **kw) for j in range(rank, round(share * cfg.batch_size), world)]  # own streams
     return batch

@@ -19,7 +19,8 @@ generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (
 (--compare-steps 0: the recipe without its comparison phase), shape (--shape-lookups: "what shape is the red object?"
 among the lookups), find-attribute (--find-attribute: attribute among the finding phase's questions), detail
 (--detail-steps 1000: a phase of attribute and count after the comparisons), detail-extra and detail-extra-1
-(--detail-extra 0.5 / 1: half a batch / a batch of attribute and count questions beside each step after the comparisons).
+(--detail-extra 0.5 / 1: half a batch / a batch of attribute and count questions beside each step after the comparisons),
+compare-extra (--compare-extra 1: a batch of comparison questions beside each step of the comparison phase).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -42,7 +43,7 @@ VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--grou
             "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"],
             "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"],
             "detail": ["--detail-steps", "1000"], "detail-extra": ["--detail-extra", "0.5"],
-            "detail-extra-1": ["--detail-extra", "1"]}
+            "detail-extra-1": ["--detail-extra", "1"], "compare-extra": ["--compare-extra", "1"]}
 
 
 def run_dir(out, variant, seed):

@@ -333,28 +333,33 @@ def test_bf16_autocast_path(tmp_path):
     assert len(losses(out, "stage1")) == 6
 
 
-def test_detail_extra(tiny_run):
-    """detail_extra: after the curriculum's phases each step adds detail_extra × batch_size attribute and count
-    questions beside the batch, the batch itself unchanged; before then nothing is added. Ranks split them."""
+def test_compare_and_detail_extra(tiny_run):
+    """compare_extra / detail_extra: during the comparison phase each step adds compare_extra × batch_size comparisons,
+    after the curriculum's phases detail_extra × batch_size attribute and count questions, beside the batch, the batch
+    itself unchanged; in the other phases nothing is added. Ranks split them."""
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     pool = train.ScenePool(12)
     codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
     kw = dict(batch_size=8, ground_steps=4, compare_steps=3, detail_steps=2, find_extra=0)
-    plain, extra = train.TrainConfig(**kw, detail_extra=0), train.TrainConfig(**kw, detail_extra=0.5)  # 4 beside the batch's 8
-    texts = []
-    for step in (0, 5, 8, 9, 10, 30):
+    plain = train.TrainConfig(**kw, compare_extra=0, detail_extra=0)
+    extra = train.TrainConfig(**kw, compare_extra=0.25, detail_extra=0.5)  # 2, then 4 beside the batch's 8
+    texts = {"compare": [], "detail": []}
+    for step in (0, 4, 6, 7, 8, 9, 10, 30):
         base = train.stage1_batch(plain, pool, codes, tok, 1000, step)
         more = train.stage1_batch(extra, pool, codes, tok, 1000, step)
-        assert len(base) == 8 and len(more) == (12 if step >= 9 else 8), step
+        assert len(base) == 8 and len(more) == (10 if 4 <= step < 7 else 12 if step >= 9 else 8), step
         assert all(a[0] == b[0] for a, b in zip(base, more))  # the batch's own examples are unchanged
         for ids, mask, kind, i in more[8:]:
-            texts.append(tok.decode([t for t in ids if t < 1000], skip_special_tokens=True))
+            texts["compare" if step < 7 else "detail"].append(
+                tok.decode([t for t in ids if t < 1000], skip_special_tokens=True))
             assert kind == "vqa" and sum(mask) > 0
         halves = [train.stage1_batch(extra, pool, codes, tok, 1000, step, rank=r, world=2) for r in (0, 1)]
         assert sorted(map(str, halves[0] + halves[1])) == sorted(map(str, more))
     shape = lambda t: t.startswith("Is the ") and t.split("?")[0].split()[-1] in data.SHAPES  # "Is the red object a cube?"
-    assert all(t.startswith("How many") or shape(t) for t in texts)
-    assert any(map(shape, texts)) and any(t.startswith("How many") for t in texts)
+    assert all(t.startswith("How many") or shape(t) for t in texts["detail"])
+    assert any(map(shape, texts["detail"])) and any(t.startswith("How many") for t in texts["detail"])
+    starts = ("Which is closer", "Which object is bigger", "Is the")  # relative distance, relative size, left / right
+    assert len(texts["compare"]) == 4 and all(t.startswith(starts) and not shape(t) for t in texts["compare"])
 
 
 def test_find_extra(tiny_run):
