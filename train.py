@@ -199,11 +199,10 @@ class TrainConfig:
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
-    easy_steps: int = 0            # its first steps ask only about scenes of 2 objects: one distractor (EASY_OBJECTS)
     compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
-    compare_extra: float = 0.0     # extra comparison questions per step of the comparison phase, as a share of
-                                   # --batch-size, beside the batch (COMPARES)
+    compare_extra: float = 1.0     # extra comparison questions per step of the comparison phase, as a share of
+                                   # --batch-size, beside the batch (COMPARES: at chance in 1 of 2 seeds without)
     detail_extra: float = 1.0      # after those phases, extra attribute and count questions per step, as a share of
                                    # --batch-size, beside the batch (DETAILS: learned only when asked often)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
@@ -273,8 +272,7 @@ def parse_args(argv=None):
         p.error("--stage must be 1 or 2")
     if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
         p.error(f"unknown --loss-type {cfg.loss_type!r}; choose grpo, dapo or dr_grpo")
-    for flag, share in (("--find-extra", cfg.find_extra), ("--compare-extra", cfg.compare_extra),
-                        ("--detail-extra", cfg.detail_extra)):
+    for flag, share in ((f"--{k}-extra", getattr(cfg, f"{k}_extra")) for k in ("find", "compare", "detail")):
         if share < 0 or round(share * cfg.batch_size) % DDP_WORLD:
             p.error(f"{flag} {share} × --batch-size {cfg.batch_size} must be >= 0 and split evenly over {DDP_WORLD} "
                     "processes")
@@ -371,7 +369,6 @@ class ScenePool:
         base = [data.make_scene(data.scene_seed("train", i), size)
                 for i in tqdm(range(n), desc=desc, disable=DDP_RANK > 0)]
         self.scenes = base + [data.flip_scene(s) for s in base]  # index i + n is the mirror of scene i
-        self.easy = [i for i, s in enumerate(self.scenes) if len(s.objects) <= EASY_OBJECTS]  # easy_steps
 
     def __len__(self):
         return len(self.scenes)
@@ -570,7 +567,6 @@ def train_vq(cfg, mcfg, run, pool, device):
 
 LOOKUPS = ("locate", "identify", "existence")  # questions about one named object: where is it, what is there, is it there
 FINDS = ("locate", "existence")  # the lookups that must find what a word names (identify goes from place to name)
-EASY_OBJECTS = 2  # the scenes of the curriculum's first easy_steps steps: the named object and one distractor
 COMPARES = ("relative_distance", "left_right", "relative_size")  # questions that need two named objects found and compared
 DETAILS = ("attribute", "count")  # questions that need the shape of found objects: at chance when mixed among all
 
@@ -598,8 +594,6 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
         segs, images = data.amg_segments(kind), {"rgb": codes["rgb"][i], kind: codes[kind][i]}
     else:
         first = step is not None and step < cfg.ground_steps  # the curriculum's first part: find what a word names
-        if first and step < cfg.easy_steps:  # ... first among two objects: pointing at either is right half the time
-            i = pool.easy[rng.integers(len(pool.easy))]
         lookup = first or rng.random() < cfg.ground_share
         kind = "ground" if lookup else "vqa"
         # the curriculum's second part: the spatial questions are comparisons of two objects the model can now find;
@@ -625,10 +619,9 @@ def stage1_batch(cfg, pool, codes, tok, image_offset, step, rank=0, world=1):
     batch = [stage1_example(cfg, pool, codes, tok, image_offset, rng, step) for _ in range(cfg.batch_size)]
     per_rank = max(1, cfg.batch_size // world)
     batch = batch[rank * per_rank:(rank + 1) * per_rank]
-    comparing = cfg.ground_steps <= step < cfg.ground_steps + cfg.compare_steps
-    mixed = step >= cfg.ground_steps + cfg.compare_steps + cfg.detail_steps
-    share, stream, kw = (cfg.find_extra, 3, {"amg": False}) if step < cfg.ground_steps else \
-        (cfg.compare_extra, 5, {"cats": COMPARES}) if comparing else (cfg.detail_extra * mixed, 4, {"cats": DETAILS})
+    found, compared = cfg.ground_steps, cfg.ground_steps + cfg.compare_steps  # the ends of the first two phases
+    share, stream, kw = (cfg.find_extra, 3, {"amg": False}) if step < found else (cfg.compare_extra, 5, {"cats": COMPARES}) \
+        if step < compared else (cfg.detail_extra * (step >= compared + cfg.detail_steps), 4, {"cats": DETAILS})
     batch += [stage1_example(cfg, pool, codes, tok, image_offset, np.random.default_rng([cfg.seed, stream, step, j]),
                              step, **kw) for j in range(rank, round(share * cfg.batch_size), world)]  # own streams
     return batch

@@ -6,7 +6,7 @@ length-sorted chunks against the real ones, and times `lm_step` (median of --rep
 attention and with SDPA, each in float32 and under bfloat16 autocast (`train.py` uses it on GPUs and with
 --cpu-bf16). A fresh model: a step's cost does not depend on the weights.
 
-    python docs/step_cost.py runs/tiny [--threads 2] [--reps 5] [--scenes 1000]
+    python docs/step_cost.py runs/tiny [--threads 2] [--reps 5] [--scenes 1000] [train.py flags, e.g. --compare-extra 0]
 
 Results: README ("Time") and docs/perception.md ("What is left").
 """
@@ -30,12 +30,12 @@ p.add_argument("run", help="a stage-1 run folder with tokenizer.json and vq.pt")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--reps", type=int, default=5, help="timed repetitions per step (after one warm-up)")
 p.add_argument("--scenes", type=int, default=1000, help="training scenes in the pool (the default run has 2,000)")
-args = p.parse_args()
+args, flags = p.parse_known_args()  # the rest: train.py flags, the schedule to time (default: the default run's)
 for f in ("tokenizer.json", "vq.pt"):
     if not os.path.exists(os.path.join(args.run, f)):
         p.error(f"{args.run} has no {f}: give a stage-1 run folder")
 torch.set_num_threads(args.threads)
-cfg = train.parse_args(["--stage", "1"])
+cfg = train.parse_args(["--stage", "1"] + [f for f in flags if f != "--"])
 tok = data.load_tokenizer(os.path.join(args.run, "tokenizer.json"))
 mcfg = replace(PRESETS[cfg.preset], text_vocab=tok.get_vocab_size())
 vq = VQTokenizer(mcfg)

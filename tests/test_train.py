@@ -137,24 +137,20 @@ def test_cosine_schedule():
 
 
 def test_curriculum_examples(tiny_run):
-    """The stage-1 curriculum: before easy_steps every question is a lookup that must find a word (locate, existence
-    or shape) about a scene of at most EASY_OBJECTS objects; until ground_steps such lookups about any scene; then
-    every category. AMG examples are unaffected."""
+    """The stage-1 curriculum: until ground_steps every question is a lookup that must find a word (locate, existence
+    or shape); then every category. AMG examples are unaffected."""
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     pool = train.ScenePool(12)
-    assert pool.easy and all(len(s.objects) <= train.EASY_OBJECTS for s in (pool.scenes[i] for i in pool.easy))
     codes = {"rgb": np.zeros((len(pool), 8, 8), int)}
-    cfg = train.TrainConfig(amg_share=0.0, ground_steps=20, easy_steps=10)
+    cfg = train.TrainConfig(amg_share=0.0, ground_steps=20)
     rng, seen = np.random.default_rng(0), {}
-    for step in (0, 9, 10, 19, 20):
+    for step in (0, 19, 20):
         for _ in range(60):
             ids, mask, kind, i = train.stage1_example(cfg, pool, codes, tok, 1000, rng, step)
             question = tok.decode([t for t in ids if t < 1000], skip_special_tokens=True)
-            finds = question.startswith(("Where is the", "Is there", "What shape is the"))
-            seen.setdefault(step, set()).add((kind, finds, len(pool.scenes[i].objects) <= train.EASY_OBJECTS))
-    assert seen[0] == seen[9] == {("ground", True, True)}
-    assert seen[10] == seen[19] == {("ground", True, True), ("ground", True, False)}
-    assert ("vqa", False, False) in seen[20] and ("ground", True, False) in seen[20]
+            seen.setdefault(step, set()).add((kind, question.startswith(("Where is the", "Is there", "What shape is the"))))
+    assert seen[0] == seen[19] == {("ground", True)}
+    assert ("vqa", False) in seen[20] and ("ground", True) in seen[20]
 
 
 def test_compare_phase(tiny_run):
@@ -370,8 +366,8 @@ def test_find_extra(tiny_run):
     tok = data.load_tokenizer(os.path.join(tiny_run, "tokenizer.json"))
     pool = train.ScenePool(12)
     codes = {k: np.zeros((len(pool), 8, 8), int) for k in ("rgb", "depth", "segmentation")}
-    plain = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=0)
-    extra = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=0.75)  # 6 beside the batch's 8
+    plain = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=0, compare_extra=0)
+    extra = train.TrainConfig(batch_size=8, ground_steps=10, find_extra=0.75, compare_extra=0)  # 6 beside the batch's 8
     for step in (0, 1, 2, 3, 4, 9, 10, 11):
         base = train.stage1_batch(plain, pool, codes, tok, 1000, step)
         more = train.stage1_batch(extra, pool, codes, tok, 1000, step)
