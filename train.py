@@ -391,18 +391,12 @@ class MetricsLog:
         if DDP_RANK == 0 and phase is not None and os.path.exists(path):
             rows = [json.loads(l) for l in open(path) if l.strip()]
             rows = [r for r in rows if r.get("phase") != phase or r.get("step", 0) <= keep_until]
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in rows), path)
+            atomic_save("".join(json.dumps(r) + "\n" for r in rows), path)
 
     def write(self, row):
         if DDP_RANK == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-def atomic_write_text(text, path):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def cosine_lr(step, total, peak, floor, warmup):
@@ -583,11 +577,14 @@ def stage1_example(cfg, pool, codes, tok, image_offset, rng, step=None, amg=True
     and every other category needs it. For the next compare_steps steps the spatial questions are two-object
     comparisons (COMPARES; any category in a scene that has none): mixed among all categories they stayed at chance.
     amg=False: always a question (the finding phase's find_extra lookups); cats: a spatial question of these categories
-    (the detail_extra questions)."""
+    (the compare_extra and detail_extra questions)."""
     i = int(rng.integers(len(pool)))
-    if cats:  # a scene with a question of these categories: count is always asked, a comparison may not be
-        while not (qs := [q for q in data.make_questions(pool.scenes[i], rng) if q.category in cats]):
+    if cats:  # a scene with a question of these categories: count is always asked; without a comparison, redraw
+        for _ in range(len(pool)):
+            if qs := [q for q in data.make_questions(pool.scenes[i], rng) if q.category in cats]:
+                break
             i = int(rng.integers(len(pool)))
+        qs = qs or data.make_questions(pool.scenes[i], rng)  # a pool without any (a tiny one): any question
         segs, images, kind = data.vqa_segments(qs[rng.integers(len(qs))]), {"rgb": codes["rgb"][i]}, "vqa"
     elif amg and rng.random() < cfg.amg_share and (cfg.find_amg or step is None or step >= cfg.ground_steps):
         kind = "depth" if rng.random() < cfg.depth_share else "segmentation"
@@ -1023,7 +1020,7 @@ def evaluate_stage2(cfg, run, model, vq, tok, device, phase, step):
             m["reward_gain/total"], m["reward_gain_se/total"] = cooper.paired_gain(sft[-1]["reward/per_prompt"],
                                                                                    m["reward/per_prompt"])
     MetricsLog(os.path.join(run, "metrics.jsonl")).write({"phase": "eval2", "after": phase, "step": step, **m})
-    atomic_write_text(json.dumps(m, indent=1), os.path.join(run, "eval_stage2.json"))
+    atomic_save(json.dumps(m, indent=1), os.path.join(run, "eval_stage2.json"))
     cooper.tool_chart(m).save(os.path.join(run, "tools.png"))
     print0(f"\nevaluation after {phase} on {cfg.n_eval2} held-out scenes:\n" + cooper.format_modes(m))
     plot_curves(os.path.join(run, "metrics.jsonl"), os.path.join(run, "loss.png"))
@@ -1060,7 +1057,7 @@ def prepare_run(cfg):
             shutil.copyfile(src, os.path.join(run, f))
     if DDP_RANK == 0:
         name = "config.json" if cfg.stage == 1 else "config_stage2.json"  # stage 2 may share stage 1's folder
-        atomic_write_text(json.dumps({"train": asdict(cfg), "model": asdict(PRESETS[cfg.preset])}, indent=1),
+        atomic_save(json.dumps({"train": asdict(cfg), "model": asdict(PRESETS[cfg.preset])}, indent=1),
                           os.path.join(run, name))
     barrier()
     return run

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -356,6 +356,11 @@ def test_compare_and_detail_extra(tiny_run):
     assert any(map(shape, texts["detail"])) and any(t.startswith("How many") for t in texts["detail"])
     starts = ("Which is closer", "Which object is bigger", "Is the")  # relative distance, relative size, left / right
     assert len(texts["compare"]) == 4 and all(t.startswith(starts) and not shape(t) for t in texts["compare"])
+    lonely = train.ScenePool(1)  # one object per scene: nothing to compare, so any question (no endless redrawing)
+    lonely.scenes = [replace(sc, objects=sc.objects[:1]) for sc in lonely.scenes]
+    ids, mask, kind, i = train.stage1_example(extra, lonely, codes, tok, 1000, np.random.default_rng(0), 5,
+                                              cats=train.COMPARES)
+    assert kind == "vqa" and sum(mask) > 0 and not tok.decode([t for t in ids if t < 1000]).startswith(starts[:2])
 
 
 def test_find_extra(tiny_run):
