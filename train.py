@@ -500,7 +500,8 @@ def check_replicas(module, name, cfg):
 
 def check_same_config(ck, cfg, mcfg, path):
     """Refuse to resume a run whose configuration differs (silently mixing two runs is worse than stopping)."""
-    old = {k: v for k, v in ck["train_config"].items() if k not in RUNTIME_FIELDS}
+    old = {k: v for k, v in ck["train_config"].items()  # a flag since removed counts only where it was on
+           if k not in RUNTIME_FIELDS and (k in TrainConfig.__dataclass_fields__ or v)}
     new = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
     diff = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     diff += [f"model.{k}: {v!r} → {asdict(mcfg).get(k)!r}" for k, v in ck["model_config"].items()

@@ -264,6 +264,12 @@ def test_branch_run(tiny_run, tmp_path):
     train.check_same_config(ck, train.parse_args(base + ["--compare-steps", "7"]), model_cfg, path)  # accepted
     with pytest.raises(SystemExit, match="compare_steps"):
         train.check_same_config(ck, train.parse_args(base), model_cfg, path)
+    args = train.parse_args(base + ["--compare-steps", "7"])
+    ck["train_config"]["gone_steps"] = 0  # a flag since removed from TrainConfig, off in this run: changes nothing
+    train.check_same_config(ck, args, model_cfg, path)
+    ck["train_config"]["gone_steps"] = 1500  # ... on in this run: another run
+    with pytest.raises(SystemExit, match="gone_steps"):
+        train.check_same_config(ck, args, model_cfg, path)
 
 
 TEARDOWN_ABORT = "terminate called without an active exception"
