@@ -1059,7 +1059,7 @@ def prepare_run(cfg):
     if DDP_RANK == 0:
         name = "config.json" if cfg.stage == 1 else "config_stage2.json"  # stage 2 may share stage 1's folder
         atomic_save(json.dumps({"train": asdict(cfg), "model": asdict(PRESETS[cfg.preset])}, indent=1),
-                          os.path.join(run, name))
+                    os.path.join(run, name))
     barrier()
     return run
 
