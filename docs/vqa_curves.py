@@ -20,7 +20,8 @@ generation, the paper's "BAGEL" row), no-ground (--ground-share 0), codes-only (
 among the lookups), find-attribute (--find-attribute: attribute among the finding phase's questions), detail
 (--detail-steps 1000: a phase of attribute and count after the comparisons), detail-extra and detail-extra-1
 (--detail-extra 0.5 / 1: half a batch / a batch of attribute and count questions beside each step after the comparisons),
-compare-extra (--compare-extra 1: a batch of comparison questions beside each step of the comparison phase).
+compare-extra (--compare-extra 1: a batch of comparison questions beside each step of the comparison phase; the
+default since), compare-1000 (--compare-steps 1000: a comparison phase of 1,000 steps, the mixed phase 500 longer).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -43,7 +44,8 @@ VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--grou
             "codes-only": ["--no-patch-embed"], "no-compare": ["--compare-steps", "0"],
             "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"],
             "detail": ["--detail-steps", "1000"], "detail-extra": ["--detail-extra", "0.5"],
-            "detail-extra-1": ["--detail-extra", "1"], "compare-extra": ["--compare-extra", "1"]}
+            "detail-extra-1": ["--detail-extra", "1"], "compare-extra": ["--compare-extra", "1"],
+            "compare-1000": ["--compare-steps", "1000"]}
 
 
 def run_dir(out, variant, seed):
