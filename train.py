@@ -199,7 +199,7 @@ class TrainConfig:
     depth_share: float = 0.5       # depth's share within AMG (paper: 50 % depth, 50 % segmentation)
     ground_share: float = 0.25     # share of lookup questions (locate / identify / existence) among the question examples
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
-    compare_steps: int = 1500      # then this many steps whose spatial questions compare two objects (COMPARES)
+    compare_steps: int = 1000      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
     compare_extra: float = 1.0     # extra comparison questions per step of the comparison phase, as a share of
                                    # --batch-size, beside the batch (COMPARES: at chance in 1 of 2 seeds without)

@@ -21,7 +21,8 @@ among the lookups), find-attribute (--find-attribute: attribute among the findin
 (--detail-steps 1000: a phase of attribute and count after the comparisons), detail-extra and detail-extra-1
 (--detail-extra 0.5 / 1: half a batch / a batch of attribute and count questions beside each step after the comparisons),
 compare-extra (--compare-extra 1: a batch of comparison questions beside each step of the comparison phase; the
-default since), compare-1000 (--compare-steps 1000: a comparison phase of 1,000 steps, the mixed phase 500 longer).
+default since), compare-1000 and compare-1500 (--compare-steps 1000 / 1500: a comparison phase of 1,000 steps, the
+default since, and of 1,500 steps, the default before, whose runs of docs/perception.md are called compare-extra).
 Results and commands: docs/perception.md.
 """
 import argparse
@@ -45,7 +46,7 @@ VARIANTS = {"recipe": [], "control": ["--amg-share", "0"], "no-ground": ["--grou
             "shape": ["--shape-lookups"], "find-attribute": ["--find-attribute"],
             "detail": ["--detail-steps", "1000"], "detail-extra": ["--detail-extra", "0.5"],
             "detail-extra-1": ["--detail-extra", "1"], "compare-extra": ["--compare-extra", "1"],
-            "compare-1000": ["--compare-steps", "1000"]}
+            "compare-1000": ["--compare-steps", "1000"], "compare-1500": ["--compare-steps", "1500"]}
 
 
 def run_dir(out, variant, seed):
