@@ -201,8 +201,7 @@ class TrainConfig:
     ground_steps: int = 3500       # the curriculum: for this many steps every question is locate or existence (FINDS)
     compare_steps: int = 1000      # then this many steps whose spatial questions compare two objects (COMPARES)
     detail_steps: int = 0          # then this many steps whose spatial questions are attribute and count (DETAILS)
-    compare_extra: float = 1.0     # extra comparison questions per step of the comparison phase, as a share of
-                                   # --batch-size, beside the batch (COMPARES: at chance in 1 of 2 seeds without)
+    compare_extra: float = 1.0     # like find_extra, comparisons in their phase (COMPARES: at chance in 1 of 2 seeds without)
     detail_extra: float = 1.0      # after those phases, extra attribute and count questions per step, as a share of
                                    # --batch-size, beside the batch (DETAILS: learned only when asked often)
     n_train_scenes: int = 4000     # size of the training scene pool (× 2 with horizontal flips)
@@ -335,7 +334,8 @@ def autocast_for(device, cpu_bf16=False):
 def atomic_save(obj, path):
     """Write to a temporary file in the same folder, then rename: a killed run never leaves a half-written file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp) if not isinstance(obj, (str, bytes)) else open(tmp, "w").write(obj)
+    with open(tmp, "w" if isinstance(obj, str) else "wb") as f:  # text (JSON, metrics) or a checkpoint, closed before
+        f.write(obj) if isinstance(obj, str) else torch.save(obj, f)  # the rename
     os.replace(tmp, path)
 
 

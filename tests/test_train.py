@@ -261,10 +261,10 @@ def test_branch_run(tiny_run, tmp_path):
     assert all(os.path.getsize(os.path.join(dst, f)) > 0 for f in ("tokenizer.json", "vq.pt", "metrics.jsonl"))
     model_cfg = train.ModelConfig(**ck["model_config"])
     base = ["--stage", "1", "--out", dst, "--resume"] + FAST
-    train.check_same_config(ck, train.parse_args(base + ["--compare-steps", "7"]), model_cfg, path)  # accepted
+    args = train.parse_args(base + ["--compare-steps", "7"])
+    train.check_same_config(ck, args, model_cfg, path)  # accepted
     with pytest.raises(SystemExit, match="compare_steps"):
         train.check_same_config(ck, train.parse_args(base), model_cfg, path)
-    args = train.parse_args(base + ["--compare-steps", "7"])
     ck["train_config"]["gone_steps"] = 0  # a flag since removed from TrainConfig, off in this run: changes nothing
     train.check_same_config(ck, args, model_cfg, path)
     ck["train_config"]["gone_steps"] = 1500  # ... on in this run: another run
