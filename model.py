@@ -474,8 +474,8 @@ class UnifiedTransformer(nn.Module):
         once all are finished (N ≤ max_new_tokens).
         Returns dict(tokens (B,T0+N), sampled (B,N) bool, logps (B,N): log-prob of each sampled token under the
         temperature-scaled model distribution before masking (0 where not sampled), mask (B,T0+N): real tokens)."""
-        cfg, dev = self.cfg, idx.device
-        B, T0 = idx.shape
+        cfg, dev, (B, T0) = self.cfg, idx.device, idx.shape
+        max_new_tokens = min(max_new_tokens, cfg.max_seq_len - T0 + 1)  # positions left (the last token is not fed back)
         kpm = torch.ones(B, T0, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
         V, n_img, rows = cfg.vocab_size, cfg.image_tokens, torch.arange(B, device=dev)
         is_code = torch.arange(V, device=dev) >= cfg.image_offset              # (V,)

@@ -371,6 +371,18 @@ def test_generate_ban_and_turn_cap():
     assert text.sum(1).max() <= 4 and (out["mask"][:, 4:].sum(1) <= 4).all()
 
 
+def test_generate_stops_at_max_seq_len():
+    """A rollout budget longer than the positions left after the prompt (stage 2's 3 turns and 2 maps after a long
+    question) is cut at max_seq_len instead of failing, and the tokens it does give equal an uncut run's."""
+    model = make()
+    T0 = TCFG.max_seq_len - 5
+    prompt = torch.randint(5, TCFG.text_vocab, (2, T0), generator=torch.Generator().manual_seed(2))
+    kw = dict(temperature=0.0, vision_start=VS, vision_end=VE)
+    out = model.generate(prompt, 50, **kw)
+    assert out["tokens"].shape == (2, TCFG.max_seq_len + 1) and out["sampled"].shape == (2, 6)
+    assert torch.equal(out["tokens"][:, :T0 + 3], model.generate(prompt, 3, **kw)["tokens"])
+
+
 # greedy decoding = the allowed argmax of the full forward, with its logp: tests/test_course.py::test_ex6_greedy_is_the_allowed_argmax
 
 
